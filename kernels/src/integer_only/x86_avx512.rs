@@ -1,0 +1,128 @@
+//! AVX-512 (F + BW + VL) paths of [`super::scalar`], name for name. 16 i32 lanes; masked tails.
+
+use std::arch::x86_64::*;
+
+use super::{ChannelMultipliers, Multiplier, RequantOutput};
+use crate::code::Code;
+use crate::linear::x86_avx512::{store16, store64, tail_mask};
+
+struct Out {
+    lo: __m512i,
+    hi: __m512i,
+    zp: __m512i,
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn out_consts(o: &RequantOutput) -> Out {
+    Out {
+        lo: _mm512_set1_epi32(o.act_min - o.zero_point),
+        hi: _mm512_set1_epi32(o.act_max - o.zero_point),
+        zp: _mm512_set1_epi32(o.zero_point),
+    }
+}
+
+/// `clamp(multiply_by_quantized_multiplier(x) + zp, act_min, act_max)` for 16 lanes with
+/// per-lane multiplier `m` (>= 0), left shift `l` and right shift `r`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn requant16<const LEFT: bool>(x: __m512i, m: __m512i, l: __m512i, r: __m512i, o: &Out) -> __m512i {
+    let x = if LEFT {
+        let over = _mm512_cmpgt_epi32_mask(x, _mm512_srav_epi32(_mm512_set1_epi32(i32::MAX), l));
+        let under = _mm512_cmpgt_epi32_mask(_mm512_srav_epi32(_mm512_set1_epi32(i32::MIN), l), x);
+        let s = _mm512_sllv_epi32(x, l);
+        let s = _mm512_mask_mov_epi32(s, over, _mm512_set1_epi32(i32::MAX));
+        _mm512_mask_mov_epi32(s, under, _mm512_set1_epi32(i32::MIN))
+    } else {
+        x
+    };
+    // SRDHM = bits 31..62 of (x*m + 2^30); m >= 0 rules out the i32::MIN * i32::MIN case
+    let nudge = _mm512_set1_epi64(1 << 30);
+    let even = _mm512_srli_epi64::<31>(_mm512_add_epi64(_mm512_mul_epi32(x, m), nudge));
+    let odd_p = _mm512_mul_epi32(_mm512_srli_epi64::<32>(x), _mm512_srli_epi64::<32>(m));
+    let odd = _mm512_slli_epi64::<1>(_mm512_add_epi64(odd_p, nudge));
+    let h = _mm512_mask_blend_epi32(0xAAAA, even, odd);
+    // rounding divide by 2^r, ties away from zero
+    let one = _mm512_set1_epi32(1);
+    let mask = _mm512_sub_epi32(_mm512_sllv_epi32(one, r), one);
+    let rem = _mm512_and_si512(h, mask);
+    let half = _mm512_srli_epi32::<1>(mask);
+    let neg = _mm512_cmplt_epi32_mask(h, _mm512_setzero_si512());
+    let thr = _mm512_mask_add_epi32(half, neg, half, one);
+    let q = _mm512_srav_epi32(h, r);
+    let q = _mm512_mask_add_epi32(q, _mm512_cmpgt_epi32_mask(rem, thr), q, one);
+    _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(q, o.lo), o.hi), o.zp)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn requantize_impl<T: Code, const LEFT: bool>(acc: &[i32], m: Multiplier, o: &RequantOutput, out: &mut [T]) {
+    let oc = out_consts(o);
+    let mv = _mm512_set1_epi32(m.multiplier);
+    let l = _mm512_set1_epi32(m.shift.max(0));
+    let r = _mm512_set1_epi32((-m.shift).max(0));
+    let n = acc.len();
+    let (src, dst) = (acc.as_ptr(), out.as_mut_ptr());
+    let mut i = 0;
+    while i + 64 <= n {
+        let a = requant16::<LEFT>(_mm512_loadu_si512(src.add(i) as *const _), mv, l, r, &oc);
+        let b = requant16::<LEFT>(_mm512_loadu_si512(src.add(i + 16) as *const _), mv, l, r, &oc);
+        let c = requant16::<LEFT>(_mm512_loadu_si512(src.add(i + 32) as *const _), mv, l, r, &oc);
+        let d = requant16::<LEFT>(_mm512_loadu_si512(src.add(i + 48) as *const _), mv, l, r, &oc);
+        store64(dst.add(i), a, b, c, d);
+        i += 64;
+    }
+    while i < n {
+        let k = if n - i >= 16 { 0xFFFF } else { tail_mask(n - i) };
+        let v = _mm512_maskz_loadu_epi32(k, src.add(i));
+        store16(dst.add(i), requant16::<LEFT>(v, mv, l, r, &oc), k);
+        i += 16;
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL; `out.len() == acc.len()`; `m` validated.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn requantize<T: Code>(acc: &[i32], m: Multiplier, o: &RequantOutput, out: &mut [T]) {
+    if m.shift > 0 {
+        requantize_impl::<T, true>(acc, m, o, out)
+    } else {
+        requantize_impl::<T, false>(acc, m, o, out)
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn per_channel_impl<T: Code, const LEFT: bool>(
+    acc: &[i32],
+    m: &ChannelMultipliers,
+    o: &RequantOutput,
+    out: &mut [T],
+) {
+    let oc = out_consts(o);
+    let channels = m.len();
+    let (mp, lp, rp) = (m.multiplier.as_ptr(), m.left.as_ptr(), m.right.as_ptr());
+    for row in 0..acc.len() / channels {
+        let src = acc.as_ptr().add(row * channels);
+        let dst = out.as_mut_ptr().add(row * channels);
+        let mut j = 0;
+        while j < channels {
+            let k = if channels - j >= 16 { 0xFFFF } else { tail_mask(channels - j) };
+            let mv = _mm512_maskz_loadu_epi32(k, mp.add(j));
+            let l = _mm512_maskz_loadu_epi32(k, lp.add(j));
+            let r = _mm512_maskz_loadu_epi32(k, rp.add(j));
+            let v = _mm512_maskz_loadu_epi32(k, src.add(j));
+            store16(dst.add(j), requant16::<LEFT>(v, mv, l, r, &oc), k);
+            j += 16;
+        }
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL; `acc.len() == out.len()`, a multiple of `m.len()`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn requantize_per_channel<T: Code>(acc: &[i32], m: &ChannelMultipliers, o: &RequantOutput, out: &mut [T]) {
+    if m.any_left_shift() {
+        per_channel_impl::<T, true>(acc, m, o, out)
+    } else {
+        per_channel_impl::<T, false>(acc, m, o, out)
+    }
+}

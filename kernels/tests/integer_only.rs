@@ -1,0 +1,245 @@
+//! Integer-only requantization: TFLite reference semantics (a table of values computed by an
+//! independent transliteration of TFLite's reference C++ into Python with unbounded integers),
+//! then every ISA against the scalar reference, bit for bit.
+
+mod common;
+
+use common::{isas, lengths, Rng};
+use quantbench_kernels::integer_only::scalar::{
+    multiply_by_quantized_multiplier, rounding_divide_by_pot, saturating_rounding_doubling_high_mul,
+};
+use quantbench_kernels::integer_only::{
+    quantize_multiplier, Activation, ChannelMultipliers, Multiplier, RequantOutput,
+};
+use quantbench_kernels::{Code, Kernels, QuantParams};
+
+#[test]
+fn srdhm_table() {
+    let table: &[(i32, i32, i32)] = &[
+        (1073741824, 1073741824, 536870912),
+        (-1, 1073741824, 0),
+        (1, 1073741824, 1),
+        (-2147483648, -2147483648, 2147483647),
+        (2147483647, 2147483647, 2147483646),
+        (-3, 1073741824, -1),
+        (3, 1073741824, 2),
+        (-2147483648, 2147483647, -2147483647),
+        (123456789, 1518500250, 87297133),
+        (-123456789, 1518500250, -87297133),
+        (0, 2147483647, 0),
+        (-2147483648, 0, 0),
+    ];
+    for &(a, b, want) in table {
+        assert_eq!(saturating_rounding_doubling_high_mul(a, b), want, "SRDHM({a}, {b})");
+    }
+}
+
+#[test]
+fn rounding_divide_by_pot_table() {
+    let table: &[(i32, i32, i32)] = &[
+        (5, 1, 3),
+        (-5, 1, -3),
+        (-4, 1, -2),
+        (7, 2, 2),
+        (-7, 2, -2),
+        (6, 2, 2),
+        (-6, 2, -2),
+        (2147483647, 31, 1),
+        (-2147483648, 31, -1),
+        (-2147483648, 1, -1073741824),
+        (12345, 0, 12345),
+        (-1, 31, 0),
+        (1, 1, 1),
+        (-1, 1, -1),
+        (1048576, 21, 1),
+        (-1048576, 21, -1),
+        (1572864, 20, 2),
+        (-1572864, 20, -2),
+    ];
+    for &(x, e, want) in table {
+        assert_eq!(rounding_divide_by_pot(x, e), want, "RDBPOT({x}, {e})");
+    }
+}
+
+#[test]
+fn quantize_multiplier_table() {
+    let table: &[(f64, i32, i32)] = &[
+        (0.5, 1073741824, 0),
+        (1.0, 1073741824, 1),
+        (0.25, 1073741824, -1),
+        (0.75, 1610612736, 0),
+        (1.0 / 3.0, 1431655765, -1),
+        (0.9999999999, 1073741824, 1), // rounds to 2^31: renormalised
+        (1e-10, 0, 0),                 // below 2^-32: flushed to zero
+        (4.656612873077393e-10, 1073741824, -30),
+        (3e-10, 1383505806, -31),
+        (0.0039215686, 1077952569, -7),
+        (1.5, 1610612736, 1),
+        (1234.5678, 1294538165, 11),
+        (0.7071067811865476, 1518500250, 0),
+        (2.3283064365386963e-10, 1073741824, -31),
+        (0.0, 0, 0),
+    ];
+    for &(real, m, s) in table {
+        let got = quantize_multiplier(real).unwrap();
+        assert_eq!((got.multiplier, got.shift), (m, s), "QuantizeMultiplier({real})");
+        if m != 0 {
+            assert!((got.to_f64() - real).abs() <= real * 2f64.powi(-30));
+        }
+    }
+    for bad in [-1.0, f64::NAN, f64::INFINITY, 1073741824.0] {
+        assert!(quantize_multiplier(bad).is_err(), "{bad}");
+    }
+    assert!(Multiplier::new(-5, 0).is_err());
+    assert!(Multiplier::new(5, 31).is_err());
+    assert!(Multiplier::new(5, -32).is_err());
+}
+
+#[test]
+fn multiply_by_quantized_multiplier_table() {
+    // (x, real multiplier, result); the 3.0 rows overflow a left shift: TFLite's C++ is
+    // undefined there, ours saturates.
+    let table: &[(i32, f64, i32)] = &[
+        (1000, 0.5, 500),
+        (-1001, 0.5, -500),
+        (1002, 0.25, 251),
+        (-1002, 0.25, -251),
+        (2147483647, 0.5, 1073741824),
+        (-2147483648, 0.5, -1073741824),
+        (100000, 0.0039215686, 392),
+        (-100000, 0.0039215686, -392),
+        (12345, 1.5, 18518),
+        (-12345, 1.5, -18517),
+        (1073741824, 3.0, 1610612735),
+        (-1073741824, 3.0, -1610612736),
+        (7, 1e-10, 0),
+        (5000000, 3e-10, 0),
+        (2147483647, 4.656612873077393e-10, 1),
+        (-2147483648, 4.656612873077393e-10, -1),
+        (777, 0.7071067811865476, 549),
+        (-777, 0.7071067811865476, -549),
+        (3, 0.5, 2),
+        (-3, 0.5, -1),
+        (99999, 1234.5678, 123455545),
+    ];
+    for &(x, real, want) in table {
+        let m = quantize_multiplier(real).unwrap();
+        assert_eq!(multiply_by_quantized_multiplier(x, m), want, "MBQM({x}, {real})");
+        // and through the vector kernels of every ISA, in every lane position
+        for isa in isas() {
+            let k = Kernels::new(isa).unwrap();
+            let acc = vec![x; 67];
+            let mut out = vec![0i16; 67];
+            let o = RequantOutput::new(0, i16::MIN as i32, i16::MAX as i32).unwrap();
+            k.requantize(&acc, m, &o, &mut out).unwrap();
+            let clamped = want.clamp(i16::MIN as i32, i16::MAX as i32);
+            assert!(out.iter().all(|&v| v as i32 == clamped), "{isa}: MBQM({x}, {real})");
+        }
+    }
+}
+
+fn random_multiplier(rng: &mut Rng) -> Multiplier {
+    match rng.below(6) {
+        0 => Multiplier::new(rng.range_i32(0, i32::MAX), rng.range_i32(-31, 30)).unwrap(),
+        1 => Multiplier::new(i32::MAX, rng.range_i32(-31, 0)).unwrap(), // near 1.0
+        2 => Multiplier::new(1 << 30, -31).unwrap(),                    // near 0
+        _ => quantize_multiplier(rng.unit() as f64 * 2f64.powi(rng.range_i32(-20, 3))).unwrap(),
+    }
+}
+
+fn random_acc(rng: &mut Rng, n: usize) -> Vec<i32> {
+    (0..n)
+        .map(|_| match rng.below(8) {
+            0 => [i32::MIN, i32::MAX, 0, -1, 1, i32::MIN + 1][rng.below(6) as usize],
+            1 => rng.next_u64() as i32,
+            // exact ties of the right shift
+            2 => (rng.range_i32(-1000, 1000) << 8) | 0x80,
+            _ => rng.range_i32(-1 << 20, 1 << 20),
+        })
+        .collect()
+}
+
+fn check_parity<T: Code + PartialEq>(seed: u64, zp: i32) {
+    let mut rng = Rng::new(seed);
+    let scalar = Kernels::scalar();
+    let outputs = [
+        RequantOutput::new(zp, T::MIN, T::MAX).unwrap(),
+        RequantOutput::new(zp, zp.max(T::MIN), T::MAX).unwrap(),
+        RequantOutput::new(zp, (zp - 3).max(T::MIN), (zp + 40).min(T::MAX)).unwrap(),
+    ];
+    for isa in isas() {
+        let k = Kernels::new(isa).unwrap();
+        for (li, &n) in lengths().iter().enumerate() {
+            let acc = random_acc(&mut rng, n);
+            let m = random_multiplier(&mut rng);
+            let o = &outputs[li % outputs.len()];
+            let (mut want, mut got) = (vec![T::default(); n], vec![T::default(); n]);
+            scalar.requantize(&acc, m, o, &mut want).unwrap();
+            k.requantize(&acc, m, o, &mut got).unwrap();
+            assert!(want == got, "requantize<{}> {isa} n={n} {m:?} {o:?}", T::NAME);
+        }
+        for channels in [1usize, 3, 7, 8, 15, 16, 17, 33, 64, 100] {
+            let rows = 1 + rng.below(9) as usize;
+            let acc = random_acc(&mut rng, rows * channels);
+            let ms: Vec<Multiplier> = (0..channels).map(|_| random_multiplier(&mut rng)).collect();
+            let cm = ChannelMultipliers::new(&ms);
+            let o = &outputs[channels % outputs.len()];
+            let (mut want, mut got) = (vec![T::default(); acc.len()], vec![T::default(); acc.len()]);
+            scalar.requantize_per_channel(&acc, &cm, o, &mut want).unwrap();
+            k.requantize_per_channel(&acc, &cm, o, &mut got).unwrap();
+            assert!(want == got, "requantize_per_channel<{}> {isa} {rows}x{channels}", T::NAME);
+            for (i, &v) in want.iter().enumerate() {
+                let m = ms[i % channels];
+                let r = (multiply_by_quantized_multiplier(acc[i], m) as i64 + zp as i64)
+                    .clamp(o.act_min() as i64, o.act_max() as i64);
+                assert_eq!(v.to_i32() as i64, r);
+            }
+        }
+    }
+}
+
+#[test]
+fn requantize_i8_matches_scalar() {
+    check_parity::<i8>(21, -5);
+}
+#[test]
+fn requantize_u8_matches_scalar() {
+    check_parity::<u8>(22, 128);
+}
+#[test]
+fn requantize_i16_matches_scalar() {
+    check_parity::<i16>(23, 0);
+}
+#[test]
+fn requantize_u16_matches_scalar() {
+    check_parity::<u16>(24, 32768);
+}
+
+#[test]
+fn activation_ranges() {
+    let out = QuantParams::with_bits(0.05, 10, 8, false).unwrap();
+    let none = RequantOutput::for_activation(&out, Activation::None);
+    assert_eq!((none.act_min(), none.act_max()), (0, 255));
+    let relu = RequantOutput::for_activation(&out, Activation::Relu);
+    assert_eq!((relu.act_min(), relu.act_max()), (10, 255));
+    let relu6 = RequantOutput::for_activation(&out, Activation::Relu6);
+    assert_eq!((relu6.act_min(), relu6.act_max()), (10, 130)); // 10 + 6 / 0.05
+    let k = Kernels::active();
+    let mut q = [0u8; 4];
+    k.requantize(&[-1000, 0, 500, 100000], quantize_multiplier(0.25).unwrap(), &relu6, &mut q).unwrap();
+    assert_eq!(q, [10, 10, 130, 130]);
+}
+
+#[test]
+fn bad_calls_are_errors() {
+    let k = Kernels::active();
+    let m = quantize_multiplier(0.5).unwrap();
+    let o = RequantOutput::new(0, -128, 127).unwrap();
+    assert!(k.requantize(&[1, 2], m, &o, &mut [0i8; 1]).is_err());
+    let wide = RequantOutput::new(0, -128, 300).unwrap();
+    assert!(k.requantize(&[1], m, &wide, &mut [0i8; 1]).unwrap_err().to_string().contains("does not fit i8"));
+    let cm = ChannelMultipliers::new(&[m, m, m]);
+    let e = k.requantize_per_channel(&[0; 4], &cm, &o, &mut [0i8; 4]).unwrap_err();
+    assert!(e.to_string().contains("not a whole number of rows of 3 channels"), "{e}");
+    assert!(RequantOutput::new(0, 10, 5).is_err());
+}
