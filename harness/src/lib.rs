@@ -1,1 +1,21 @@
-pub fn placeholder() {}
+//! # quantbench
+//!
+//! The harness crate: the `quantbench` command-line tool and the library behind it. Today it
+//! holds the one-tensor tool (`quantbench tensor`), the `.npy` reader and the kernel timing
+//! used by the peer comparison (`cargo xtask compare quantize`). Experiments over models
+//! (`cargo xtask run experiments/*.toml`) build on it.
+
+pub mod bench;
+pub mod npy;
+pub mod tensor;
+
+/// The data root: `$QUANTBENCH_DATA`, else `../shared` (relative to the working directory)
+/// when that folder exists. Laid out as ../shared/README.md describes (`data/`, `models/`,
+/// `conformance/`).
+pub fn data_root() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("QUANTBENCH_DATA") {
+        return Some(p.into());
+    }
+    let default = std::path::Path::new("../shared");
+    default.is_dir().then(|| default.to_path_buf())
+}

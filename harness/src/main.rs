@@ -1,1 +1,188 @@
-fn main() {}
+//! The `quantbench` command-line tool.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use quantbench::tensor::{self, TensorMethod, TensorRequest};
+use quantbench_kernels::isa::{self, Isa};
+use quantbench_kernels::Kernels;
+
+#[derive(Parser)]
+#[command(name = "quantbench", version, about = "Measure neural-network quantization: kernels, accuracy, size, latency")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum MethodArg {
+    Linear,
+    Fixed,
+    DynamicFixed,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Quantize one tensor and print one JSON object: params, codes, dequantized values,
+    /// stored size, compression and error.
+    Tensor {
+        #[arg(long, value_enum)]
+        method: MethodArg,
+        /// Bits per code: linear 1..=8 or 16; fixed / dynamic-fixed 2..=16 (with the sign bit).
+        #[arg(long)]
+        bits: u32,
+        /// Linear: zero point in the middle, scale from max |x|.
+        #[arg(long)]
+        symmetric: bool,
+        /// Linear: unsigned codes (u8/u16) instead of signed.
+        #[arg(long)]
+        unsigned: bool,
+        /// Fixed: number of fractional bits n of Qm.n.
+        #[arg(long, allow_hyphen_values = true)]
+        frac_bits: Option<i32>,
+        /// Fixed-point methods: stochastic rounding with this seed (default: nearest even).
+        #[arg(long)]
+        stochastic_seed: Option<u64>,
+        /// Per-channel parameters along this axis of --shape (linear, dynamic-fixed).
+        #[arg(long)]
+        axis: Option<usize>,
+        /// Shape of the values, e.g. 4,4 (default: a vector; taken from the file with --npy).
+        #[arg(long, value_delimiter = ',')]
+        shape: Option<Vec<String>>,
+        /// Comma-separated values.
+        #[arg(long, allow_hyphen_values = true, conflicts_with = "npy", required_unless_present = "npy")]
+        values: Option<String>,
+        /// A little-endian float32 .npy file.
+        #[arg(long)]
+        npy: Option<PathBuf>,
+    },
+    /// Print the instruction sets this CPU supports and the one kernels will use.
+    Isa,
+    /// Time one kernel on a .npy array (used by `cargo xtask compare quantize`).
+    #[command(hide = true)]
+    BenchKernel {
+        #[arg(long)]
+        kernel: String,
+        #[arg(long)]
+        npy: PathBuf,
+        #[arg(long)]
+        scale: f32,
+        #[arg(long, allow_hyphen_values = true)]
+        zero_point: i32,
+        #[arg(long, default_value_t = 64)]
+        channels: usize,
+        #[arg(long, default_value_t = 50)]
+        reps: usize,
+    },
+}
+
+fn parse_values(text: &str) -> Result<Vec<f32>, String> {
+    text.split(',')
+        .enumerate()
+        .map(|(i, s)| {
+            let s = s.trim();
+            s.parse::<f32>().map_err(|_| format!("--values: '{s}' (item {}) is not a number", i + 1))
+        })
+        .collect()
+}
+
+fn parse_shape(items: &[String]) -> Result<Vec<usize>, String> {
+    items
+        .iter()
+        .map(|s| s.trim().parse::<usize>().map_err(|_| format!("--shape: '{s}' is not a dimension")))
+        .collect()
+}
+
+/// Prints one line; a closed pipe (`| head`) ends the program quietly instead of panicking.
+fn print_line(line: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{line}") {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(format!("cannot write to stdout: {e}")),
+        _ => Ok(()),
+    }
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    // a bad QUANTBENCH_ISA is a clean error here, never a panic later
+    isa::isa_from_env().map_err(|e| e.to_string())?;
+    let k = Kernels::active();
+    match cli.command {
+        Command::Tensor {
+            method,
+            bits,
+            symmetric,
+            unsigned,
+            frac_bits,
+            stochastic_seed,
+            axis,
+            shape,
+            values,
+            npy,
+        } => {
+            let (values, file_shape) = match (values, npy) {
+                (Some(v), _) => {
+                    let v = parse_values(&v)?;
+                    let n = v.len();
+                    (v, vec![n])
+                }
+                (None, Some(path)) => {
+                    let a = quantbench::npy::read_f32(&path)?;
+                    (a.data, a.shape)
+                }
+                (None, None) => return Err("give --values or --npy".into()),
+            };
+            let shape = match shape {
+                Some(s) => parse_shape(&s)?,
+                None => file_shape,
+            };
+            let req = TensorRequest {
+                method: match method {
+                    MethodArg::Linear => TensorMethod::Linear,
+                    MethodArg::Fixed => TensorMethod::Fixed,
+                    MethodArg::DynamicFixed => TensorMethod::DynamicFixed,
+                },
+                bits,
+                symmetric,
+                unsigned,
+                frac_bits,
+                axis,
+                shape,
+                values,
+                stochastic_seed,
+            };
+            let out = tensor::run(&req, &k)?;
+            print_line(&out.to_string())?;
+        }
+        Command::Isa => {
+            for i in Isa::ALL {
+                println!("{:<8} {}", i.name(), if i.is_supported() { "supported" } else { "-" });
+            }
+            println!("active: {} ({} to force)", k.isa(), isa::ISA_ENV);
+        }
+        Command::BenchKernel {
+            kernel,
+            npy,
+            scale,
+            zero_point,
+            channels,
+            reps,
+        } => {
+            let a = quantbench::npy::read_f32(&npy)?;
+            let rec = quantbench::bench::time_kernel(&k, &kernel, &a.data, scale, zero_point, channels, reps)?;
+            print_line(&rec.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("quantbench: error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

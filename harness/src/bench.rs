@@ -1,0 +1,87 @@
+//! In-process timing of one kernel on one array, for the peer comparison
+//! (`cargo xtask compare quantize`). Single thread; the median of `reps` timed calls after
+//! warm-up calls; throughput in GB/s of f32 data (4 bytes per element), the unit the peers'
+//! numbers are quoted in.
+
+use std::time::Instant;
+
+use quantbench_kernels::{ChannelLayout, Kernels, QuantParams};
+use serde_json::{json, Value};
+
+/// Kernels the comparison times.
+pub const KERNELS: [&str; 4] = ["quantize", "dequantize", "quantize_per_channel", "dequantize_per_channel"];
+
+/// Per-channel parameters used by both sides of the comparison: channel `c` of `channels`
+/// has scale `scale * (1 + c / channels)` and the common zero point.
+pub fn channel_params(scale: f32, zero_point: i32, channels: usize) -> Result<Vec<QuantParams>, String> {
+    (0..channels)
+        .map(|c| QuantParams::with_bits(scale * (1.0 + c as f32 / channels as f32), zero_point, 8, true))
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())
+}
+
+fn median_seconds(reps: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..3 {
+        f();
+    }
+    let mut t: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+/// Times `kernel` on `x` (f32 -> i8 codes with the given parameters) and returns one JSON
+/// record `{kernel, n, threads, isa, seconds, gbps}`.
+pub fn time_kernel(
+    k: &Kernels,
+    kernel: &str,
+    x: &[f32],
+    scale: f32,
+    zero_point: i32,
+    channels: usize,
+    reps: usize,
+) -> Result<Value, String> {
+    let n = x.len();
+    let p = QuantParams::with_bits(scale, zero_point, 8, true).map_err(|e| e.to_string())?;
+    let mut q = vec![0i8; n];
+    let mut out = vec![0f32; n];
+    k.quantize(x, &p, &mut q).map_err(|e| e.to_string())?;
+    let per_channel = kernel.ends_with("per_channel");
+    let (layout, cp) = if per_channel {
+        if channels == 0 || n % channels != 0 {
+            return Err(format!("--channels {channels} does not divide n = {n}"));
+        }
+        (
+            Some(ChannelLayout::new(&[channels, n / channels], 0).map_err(|e| e.to_string())?),
+            channel_params(scale, zero_point, channels)?,
+        )
+    } else {
+        (None, Vec::new())
+    };
+    let seconds = match kernel {
+        "quantize" => median_seconds(reps, || k.quantize(x, &p, &mut q).unwrap()),
+        "dequantize" => median_seconds(reps, || k.dequantize(&q, &p, &mut out).unwrap()),
+        "quantize_per_channel" => {
+            let l = layout.unwrap();
+            median_seconds(reps, || k.quantize_per_channel(x, &l, &cp, &mut q).unwrap())
+        }
+        "dequantize_per_channel" => {
+            let l = layout.unwrap();
+            median_seconds(reps, || k.dequantize_per_channel(&q, &l, &cp, &mut out).unwrap())
+        }
+        other => return Err(format!("--kernel {other}: expected one of {}", KERNELS.join(", "))),
+    };
+    Ok(json!({
+        "kernel": kernel,
+        "n": n,
+        "threads": 1,
+        "isa": k.isa().name(),
+        "seconds": seconds,
+        "gbps": 4.0 * n as f64 / seconds / 1e9,
+    }))
+}
