@@ -9,13 +9,29 @@ use quantbench_kernels::{ChannelLayout, Kernels, QuantParams};
 use serde_json::{json, Value};
 
 /// Kernels the comparison times.
-pub const KERNELS: [&str; 4] = ["quantize", "dequantize", "quantize_per_channel", "dequantize_per_channel"];
+pub const KERNELS: [&str; 4] = [
+    "quantize",
+    "dequantize",
+    "quantize_per_channel",
+    "dequantize_per_channel",
+];
 
 /// Per-channel parameters used by both sides of the comparison: channel `c` of `channels`
 /// has scale `scale * (1 + c / channels)` and the common zero point.
-pub fn channel_params(scale: f32, zero_point: i32, channels: usize) -> Result<Vec<QuantParams>, String> {
+pub fn channel_params(
+    scale: f32,
+    zero_point: i32,
+    channels: usize,
+) -> Result<Vec<QuantParams>, String> {
     (0..channels)
-        .map(|c| QuantParams::with_bits(scale * (1.0 + c as f32 / channels as f32), zero_point, 8, true))
+        .map(|c| {
+            QuantParams::with_bits(
+                scale * (1.0 + c as f32 / channels as f32),
+                zero_point,
+                8,
+                true,
+            )
+        })
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())
 }
@@ -36,7 +52,10 @@ fn median_seconds(reps: usize, mut f: impl FnMut()) -> f64 {
 }
 
 /// Times `kernel` on `x` (f32 -> i8 codes with the given parameters) and returns one JSON
-/// record `{kernel, n, threads, isa, seconds, gbps}`.
+/// record `{kernel, n, threads, isa, seconds, gbps}`. With `expected_codes` (a peer's int8
+/// output for the same data), a quantize kernel's codes are compared and the record gets
+/// `code_mismatches`.
+#[allow(clippy::too_many_arguments)]
 pub fn time_kernel(
     k: &Kernels,
     kernel: &str,
@@ -45,6 +64,7 @@ pub fn time_kernel(
     zero_point: i32,
     channels: usize,
     reps: usize,
+    expected_codes: Option<&[u8]>,
 ) -> Result<Value, String> {
     let n = x.len();
     let p = QuantParams::with_bits(scale, zero_point, 8, true).map_err(|e| e.to_string())?;
@@ -53,7 +73,7 @@ pub fn time_kernel(
     k.quantize(x, &p, &mut q).map_err(|e| e.to_string())?;
     let per_channel = kernel.ends_with("per_channel");
     let (layout, cp) = if per_channel {
-        if channels == 0 || n % channels != 0 {
+        if channels == 0 || !n.is_multiple_of(channels) {
             return Err(format!("--channels {channels} does not divide n = {n}"));
         }
         (
@@ -72,16 +92,38 @@ pub fn time_kernel(
         }
         "dequantize_per_channel" => {
             let l = layout.unwrap();
-            median_seconds(reps, || k.dequantize_per_channel(&q, &l, &cp, &mut out).unwrap())
+            median_seconds(reps, || {
+                k.dequantize_per_channel(&q, &l, &cp, &mut out).unwrap()
+            })
         }
-        other => return Err(format!("--kernel {other}: expected one of {}", KERNELS.join(", "))),
+        other => {
+            return Err(format!(
+                "--kernel {other}: expected one of {}",
+                KERNELS.join(", ")
+            ))
+        }
     };
-    Ok(json!({
+    let mut rec = json!({
         "kernel": kernel,
         "n": n,
         "threads": 1,
         "isa": k.isa().name(),
         "seconds": seconds,
         "gbps": 4.0 * n as f64 / seconds / 1e9,
-    }))
+    });
+    if let (Some(expected), true) = (expected_codes, kernel.starts_with("quantize")) {
+        if expected.len() != n {
+            return Err(format!(
+                "expected codes: {} bytes for {n} values",
+                expected.len()
+            ));
+        }
+        let mismatches = q
+            .iter()
+            .zip(expected)
+            .filter(|(&a, &b)| a as u8 != b)
+            .count();
+        rec["code_mismatches"] = json!(mismatches);
+    }
+    Ok(rec)
 }

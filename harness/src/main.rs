@@ -9,7 +9,11 @@ use quantbench_kernels::isa::{self, Isa};
 use quantbench_kernels::Kernels;
 
 #[derive(Parser)]
-#[command(name = "quantbench", version, about = "Measure neural-network quantization: kernels, accuracy, size, latency")]
+#[command(
+    name = "quantbench",
+    version,
+    about = "Measure neural-network quantization: kernels, accuracy, size, latency"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -51,7 +55,12 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         shape: Option<Vec<String>>,
         /// Comma-separated values.
-        #[arg(long, allow_hyphen_values = true, conflicts_with = "npy", required_unless_present = "npy")]
+        #[arg(
+            long,
+            allow_hyphen_values = true,
+            conflicts_with = "npy",
+            required_unless_present = "npy"
+        )]
         values: Option<String>,
         /// A little-endian float32 .npy file.
         #[arg(long)]
@@ -74,6 +83,9 @@ enum Command {
         channels: usize,
         #[arg(long, default_value_t = 50)]
         reps: usize,
+        /// Raw int8 codes of a peer to compare the quantize output with.
+        #[arg(long)]
+        check_codes: Option<PathBuf>,
     },
 }
 
@@ -82,7 +94,8 @@ fn parse_values(text: &str) -> Result<Vec<f32>, String> {
         .enumerate()
         .map(|(i, s)| {
             let s = s.trim();
-            s.parse::<f32>().map_err(|_| format!("--values: '{s}' (item {}) is not a number", i + 1))
+            s.parse::<f32>()
+                .map_err(|_| format!("--values: '{s}' (item {}) is not a number", i + 1))
         })
         .collect()
 }
@@ -90,7 +103,11 @@ fn parse_values(text: &str) -> Result<Vec<f32>, String> {
 fn parse_shape(items: &[String]) -> Result<Vec<usize>, String> {
     items
         .iter()
-        .map(|s| s.trim().parse::<usize>().map_err(|_| format!("--shape: '{s}' is not a dimension")))
+        .map(|s| {
+            s.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("--shape: '{s}' is not a dimension"))
+        })
         .collect()
 }
 
@@ -99,7 +116,9 @@ fn print_line(line: &str) -> Result<(), String> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     match writeln!(out, "{line}") {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(format!("cannot write to stdout: {e}")),
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(format!("cannot write to stdout: {e}"))
+        }
         _ => Ok(()),
     }
 }
@@ -157,7 +176,11 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Isa => {
             for i in Isa::ALL {
-                println!("{:<8} {}", i.name(), if i.is_supported() { "supported" } else { "-" });
+                println!(
+                    "{:<8} {}",
+                    i.name(),
+                    if i.is_supported() { "supported" } else { "-" }
+                );
             }
             println!("active: {} ({} to force)", k.isa(), isa::ISA_ENV);
         }
@@ -168,9 +191,25 @@ fn run(cli: Cli) -> Result<(), String> {
             zero_point,
             channels,
             reps,
+            check_codes,
         } => {
             let a = quantbench::npy::read_f32(&npy)?;
-            let rec = quantbench::bench::time_kernel(&k, &kernel, &a.data, scale, zero_point, channels, reps)?;
+            let expected = match check_codes {
+                Some(p) => Some(
+                    std::fs::read(&p).map_err(|e| format!("{}: cannot read: {e}", p.display()))?,
+                ),
+                None => None,
+            };
+            let rec = quantbench::bench::time_kernel(
+                &k,
+                &kernel,
+                &a.data,
+                scale,
+                zero_point,
+                channels,
+                reps,
+                expected.as_deref(),
+            )?;
             print_line(&rec.to_string())?;
         }
     }

@@ -25,22 +25,31 @@ pub fn parse_f32(bytes: &[u8]) -> Result<NpyF32, String> {
     let major = bytes[6];
     let (header_len, start): (usize, usize) = match major {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
         _ => return Err(format!("unsupported .npy format version {major}")),
     };
     let end = start
         .checked_add(header_len)
         .filter(|&e| e <= bytes.len())
         .ok_or("truncated .npy header")?;
-    let header = std::str::from_utf8(&bytes[start..end]).map_err(|_| "the .npy header is not text")?;
+    let header =
+        std::str::from_utf8(&bytes[start..end]).map_err(|_| "the .npy header is not text")?;
     let descr = dict_value(header, "descr").ok_or("the .npy header has no 'descr'")?;
     let descr = descr.trim_matches(|c| c == '\'' || c == '"');
     if descr != "<f4" {
-        return Err(format!("dtype '{descr}': expected little-endian float32 ('<f4')"));
+        return Err(format!(
+            "dtype '{descr}': expected little-endian float32 ('<f4')"
+        ));
     }
-    let fortran = dict_value(header, "fortran_order").ok_or("the .npy header has no 'fortran_order'")?;
+    let fortran =
+        dict_value(header, "fortran_order").ok_or("the .npy header has no 'fortran_order'")?;
     if fortran != "False" {
-        return Err("Fortran-ordered arrays are not supported (save with a C-contiguous array)".into());
+        return Err(
+            "Fortran-ordered arrays are not supported (save with a C-contiguous array)".into(),
+        );
     }
     let shape_text = dict_value(header, "shape").ok_or("the .npy header has no 'shape'")?;
     let shape = parse_shape(shape_text)?;
@@ -56,7 +65,10 @@ pub fn parse_f32(bytes: &[u8]) -> Result<NpyF32, String> {
             payload.len()
         ));
     }
-    let data = payload.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let data = payload
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
     Ok(NpyF32 { shape, data })
 }
 
@@ -64,7 +76,10 @@ pub fn parse_f32(bytes: &[u8]) -> Result<NpyF32, String> {
 fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
     let pat_a = format!("'{key}':");
     let pat_b = format!("\"{key}\":");
-    let at = header.find(&pat_a).map(|i| i + pat_a.len()).or_else(|| header.find(&pat_b).map(|i| i + pat_b.len()))?;
+    let at = header
+        .find(&pat_a)
+        .map(|i| i + pat_a.len())
+        .or_else(|| header.find(&pat_b).map(|i| i + pat_b.len()))?;
     let rest = header[at..].trim_start();
     let end = if rest.starts_with('(') {
         rest.find(')')? + 1
@@ -83,7 +98,10 @@ fn parse_shape(text: &str) -> Result<Vec<usize>, String> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().map_err(|_| format!("shape {text}: '{s}' is not a dimension")))
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|_| format!("shape {text}: '{s}' is not a dimension"))
+        })
         .collect()
 }
 
@@ -91,7 +109,11 @@ fn parse_shape(text: &str) -> Result<Vec<usize>, String> {
 /// same data to peers.
 pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<(), String> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_text = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let shape_text = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_text}, }}");
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');
@@ -127,12 +149,16 @@ mod tests {
 
         let mut bytes = std::fs::read(&p).unwrap();
         bytes.truncate(bytes.len() - 1);
-        assert!(parse_f32(&bytes).unwrap_err().contains("needs 16 bytes of data, the file has 15"));
+        assert!(parse_f32(&bytes)
+            .unwrap_err()
+            .contains("needs 16 bytes of data, the file has 15"));
         let mut f8 = std::fs::read(&p).unwrap();
         let at = f8.windows(3).position(|w| w == b"<f4").unwrap();
         f8[at + 2] = b'8';
         assert!(parse_f32(&f8).unwrap_err().contains("dtype '<f8'"));
-        assert!(parse_f32(b"hello world").unwrap_err().contains("not a .npy file"));
+        assert!(parse_f32(b"hello world")
+            .unwrap_err()
+            .contains("not a .npy file"));
         let e = read_f32(&dir.join("missing.npy")).unwrap_err();
         assert!(e.contains("missing.npy: cannot read"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();

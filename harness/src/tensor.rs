@@ -57,10 +57,16 @@ pub fn run(req: &TensorRequest, k: &Kernels) -> Result<Value, String> {
     let n = req.values.len();
     let shape_len = req.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
     if shape_len != Some(n) {
-        return Err(format!("--shape {:?} has {} elements, but {n} values were given", req.shape, shape_len.unwrap_or(0)));
+        return Err(format!(
+            "--shape {:?} has {} elements, but {n} values were given",
+            req.shape,
+            shape_len.unwrap_or(0)
+        ));
     }
     let layout = match req.axis {
-        Some(axis) => Some(ChannelLayout::new(&req.shape, axis).map_err(|e| format!("--axis: {e}"))?),
+        Some(axis) => {
+            Some(ChannelLayout::new(&req.shape, axis).map_err(|e| format!("--axis: {e}"))?)
+        }
         None => None,
     };
     let q = match req.method {
@@ -75,8 +81,16 @@ pub fn run(req: &TensorRequest, k: &Kernels) -> Result<Value, String> {
             finite += 1;
         }
     }
-    let mse = if finite > 0 { noise / finite as f64 } else { 0.0 };
-    let sqnr_db = if noise > 0.0 { Some(10.0 * (signal / noise).log10()) } else { None };
+    let mse = if finite > 0 {
+        noise / finite as f64
+    } else {
+        0.0
+    };
+    let sqnr_db = if noise > 0.0 {
+        Some(10.0 * (signal / noise).log10())
+    } else {
+        None
+    };
     let size_bits = q.stored_bytes * 8;
     Ok(json!({
         "method": req.method.name(),
@@ -102,11 +116,18 @@ fn code_bytes(n: usize, bits: u32) -> usize {
     }
 }
 
-fn linear(req: &TensorRequest, k: &Kernels, layout: Option<ChannelLayout>) -> Result<Quantized, String> {
+fn linear(
+    req: &TensorRequest,
+    k: &Kernels,
+    layout: Option<ChannelLayout>,
+) -> Result<Quantized, String> {
     if req.frac_bits.is_some() || req.stochastic_seed.is_some() {
-        return Err("--frac-bits and --stochastic-seed apply to the fixed-point methods only".into());
+        return Err(
+            "--frac-bits and --stochastic-seed apply to the fixed-point methods only".into(),
+        );
     }
-    let scheme = LinearScheme::new(req.bits, !req.unsigned, req.symmetric).map_err(|e| format!("--bits: {e}"))?;
+    let scheme = LinearScheme::new(req.bits, !req.unsigned, req.symmetric)
+        .map_err(|e| format!("--bits: {e}"))?;
     let x = &req.values;
     let params = match &layout {
         Some(l) => k.choose_params_per_channel(x, l, &scheme),
@@ -138,7 +159,8 @@ fn linear(req: &TensorRequest, k: &Kernels, layout: Option<ChannelLayout>) -> Re
         "zero_point": pick(&|p| json!(p.zero_point())),
     });
     // stored: packed codes, then per parameter set an f32 scale and the zero point as one code
-    let stored_bytes = code_bytes(x.len(), req.bits) + params.len() * (4 + (req.bits as usize).div_ceil(8));
+    let stored_bytes =
+        code_bytes(x.len(), req.bits) + params.len() * (4 + (req.bits as usize).div_ceil(8));
     Ok(Quantized {
         params: params_json,
         codes,
@@ -170,7 +192,11 @@ fn linear_codes<T: Code>(
     Ok((q.iter().map(|c| c.to_i32()).collect(), d))
 }
 
-fn fixed(req: &TensorRequest, k: &Kernels, layout: Option<ChannelLayout>) -> Result<Quantized, String> {
+fn fixed(
+    req: &TensorRequest,
+    k: &Kernels,
+    layout: Option<ChannelLayout>,
+) -> Result<Quantized, String> {
     if req.symmetric || req.unsigned {
         return Err("--symmetric and --unsigned apply to the linear method only (fixed point is signed and symmetric)".into());
     }
@@ -178,12 +204,17 @@ fn fixed(req: &TensorRequest, k: &Kernels, layout: Option<ChannelLayout>) -> Res
     let formats: Vec<FixedPointFormat> = match (req.method, req.frac_bits) {
         (TensorMethod::Fixed, Some(f)) => {
             if layout.is_some() {
-                return Err("--axis applies to linear and dynamic-fixed (fixed uses one format)".into());
+                return Err(
+                    "--axis applies to linear and dynamic-fixed (fixed uses one format)".into(),
+                );
             }
-            vec![FixedPointFormat::new(req.bits, f).map_err(|e| format!("--bits/--frac-bits: {e}"))?]
+            vec![FixedPointFormat::new(req.bits, f)
+                .map_err(|e| format!("--bits/--frac-bits: {e}"))?]
         }
         (TensorMethod::Fixed, None) => return Err("--method fixed needs --frac-bits F".into()),
-        (_, Some(_)) => return Err("--frac-bits applies to --method fixed (dynamic-fixed chooses it)".into()),
+        (_, Some(_)) => {
+            return Err("--frac-bits applies to --method fixed (dynamic-fixed chooses it)".into())
+        }
         (_, None) => match &layout {
             Some(l) => k.dynamic_fixed_point_per_channel(x, l, req.bits),
             None => k.dynamic_fixed_point(x, req.bits).map(|f| vec![f]),
@@ -273,7 +304,12 @@ mod tests {
         // 16 codes * 2 bits = 4 bytes, + f32 scale + 1 byte zero point = 9 bytes
         assert_eq!(out["size_bits"], 72);
         assert!((out["compression_vs_fp32"].as_f64().unwrap() - 512.0 / 72.0).abs() < 1e-12);
-        let codes: Vec<i64> = out["codes"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+        let codes: Vec<i64> = out["codes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .collect();
         assert!(codes.iter().all(|&c| (-2..=1).contains(&c)));
         let deq = out["dequantized"].as_array().unwrap();
         assert_eq!(deq[8].as_f64().unwrap(), 0.0, "zero is exact");
@@ -286,7 +322,9 @@ mod tests {
         assert!(e.contains("--frac-bits"), "{e}");
         let mut r = req(TensorMethod::Linear, 8, &[1.0, 2.0, 3.0]);
         r.shape = vec![2, 2];
-        assert!(run(&r, &k).unwrap_err().contains("has 4 elements, but 3 values"));
+        assert!(run(&r, &k)
+            .unwrap_err()
+            .contains("has 4 elements, but 3 values"));
         r.shape = vec![3];
         r.axis = Some(1);
         assert!(run(&r, &k).unwrap_err().contains("axis 1 out of range"));

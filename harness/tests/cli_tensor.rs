@@ -5,7 +5,10 @@ use std::process::Command;
 use serde_json::Value;
 
 fn quantbench(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_quantbench")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_quantbench"))
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8(out.stdout).unwrap(),
@@ -21,8 +24,26 @@ fn json(args: &[&str]) -> Value {
 
 #[test]
 fn linear_report_has_every_key() {
-    let v = json(&["tensor", "--method", "linear", "--bits", "8", "--values", "-1.5,0,0.25,3"]);
-    for key in ["method", "bits", "params", "codes", "dequantized", "size_bits", "compression_vs_fp32", "mse", "sqnr_db"] {
+    let v = json(&[
+        "tensor",
+        "--method",
+        "linear",
+        "--bits",
+        "8",
+        "--values",
+        "-1.5,0,0.25,3",
+    ]);
+    for key in [
+        "method",
+        "bits",
+        "params",
+        "codes",
+        "dequantized",
+        "size_bits",
+        "compression_vs_fp32",
+        "mse",
+        "sqnr_db",
+    ] {
         assert!(v.get(key).is_some(), "missing {key}: {v}");
     }
     assert_eq!(v["method"], "linear");
@@ -40,9 +61,22 @@ fn per_channel_symmetric_and_npy_input() {
     let dir = std::env::temp_dir().join(format!("qb-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("w.npy");
-    let data: Vec<f32> = (0..24).map(|i| (i as f32 - 11.0) * if i < 12 { 0.1 } else { 2.0 }).collect();
+    let data: Vec<f32> = (0..24)
+        .map(|i| (i as f32 - 11.0) * if i < 12 { 0.1 } else { 2.0 })
+        .collect();
     quantbench::npy::write_f32(&path, &[2, 12], &data).unwrap();
-    let v = json(&["tensor", "--method", "linear", "--bits", "4", "--symmetric", "--axis", "0", "--npy", path.to_str().unwrap()]);
+    let v = json(&[
+        "tensor",
+        "--method",
+        "linear",
+        "--bits",
+        "4",
+        "--symmetric",
+        "--axis",
+        "0",
+        "--npy",
+        path.to_str().unwrap(),
+    ]);
     assert_eq!(v["shape"], serde_json::json!([2, 12]));
     assert_eq!(v["params"]["granularity"], "per_channel");
     let scales = v["params"]["scale"].as_array().unwrap();
@@ -56,29 +90,125 @@ fn per_channel_symmetric_and_npy_input() {
 
 #[test]
 fn fixed_point_seed_example_and_stochastic_rounding() {
-    let v = json(&["tensor", "--method", "fixed", "--bits", "8", "--frac-bits", "1", "--values", "1.3,-70,0.25"]);
+    let v = json(&[
+        "tensor",
+        "--method",
+        "fixed",
+        "--bits",
+        "8",
+        "--frac-bits",
+        "1",
+        "--values",
+        "1.3,-70,0.25",
+    ]);
     assert_eq!(v["codes"], serde_json::json!([3, -128, 0]));
     assert_eq!(v["params"]["int_bits"], 6);
-    let a = json(&["tensor", "--method", "fixed", "--bits", "4", "--frac-bits", "0", "--stochastic-seed", "5", "--values", "0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5"]);
-    let b = json(&["tensor", "--method", "fixed", "--bits", "4", "--frac-bits", "0", "--stochastic-seed", "5", "--values", "0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5"]);
+    let a = json(&[
+        "tensor",
+        "--method",
+        "fixed",
+        "--bits",
+        "4",
+        "--frac-bits",
+        "0",
+        "--stochastic-seed",
+        "5",
+        "--values",
+        "0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5",
+    ]);
+    let b = json(&[
+        "tensor",
+        "--method",
+        "fixed",
+        "--bits",
+        "4",
+        "--frac-bits",
+        "0",
+        "--stochastic-seed",
+        "5",
+        "--values",
+        "0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5",
+    ]);
     assert_eq!(a["codes"], b["codes"], "same seed, same codes");
     let codes = a["codes"].as_array().unwrap();
     assert!(codes.iter().all(|c| c == 0 || c == 1));
-    let d = json(&["tensor", "--method", "dynamic-fixed", "--bits", "8", "--values", "0.9,-0.2"]);
+    let d = json(&[
+        "tensor",
+        "--method",
+        "dynamic-fixed",
+        "--bits",
+        "8",
+        "--values",
+        "0.9,-0.2",
+    ]);
     assert_eq!(d["params"]["frac_bits"], 7);
 }
 
 #[test]
 fn bad_input_is_one_line_and_exit_2() {
     let cases: &[(&[&str], &str)] = &[
-        (&["tensor", "--method", "linear", "--bits", "8", "--values", "1,abc"], "'abc' (item 2) is not a number"),
-        (&["tensor", "--method", "linear", "--bits", "0", "--values", "1"], "bits = 0"),
-        (&["tensor", "--method", "linear", "--bits", "17", "--values", "1"], "bits = 17"),
-        (&["tensor", "--method", "fixed", "--bits", "8", "--values", "1"], "needs --frac-bits"),
-        (&["tensor", "--method", "fixed", "--bits", "1", "--frac-bits", "0", "--values", "1"], "2..=16 total bits"),
-        (&["tensor", "--method", "linear", "--bits", "8", "--shape", "3", "--values", "1,2"], "has 3 elements, but 2 values"),
-        (&["tensor", "--method", "linear", "--bits", "8", "--npy", "/nonexistent/x.npy"], "/nonexistent/x.npy: cannot read"),
-        (&["tensor", "--method", "kmeans2", "--bits", "8", "--values", "1"], "invalid value 'kmeans2'"),
+        (
+            &[
+                "tensor", "--method", "linear", "--bits", "8", "--values", "1,abc",
+            ],
+            "'abc' (item 2) is not a number",
+        ),
+        (
+            &[
+                "tensor", "--method", "linear", "--bits", "0", "--values", "1",
+            ],
+            "bits = 0",
+        ),
+        (
+            &[
+                "tensor", "--method", "linear", "--bits", "17", "--values", "1",
+            ],
+            "bits = 17",
+        ),
+        (
+            &[
+                "tensor", "--method", "fixed", "--bits", "8", "--values", "1",
+            ],
+            "needs --frac-bits",
+        ),
+        (
+            &[
+                "tensor",
+                "--method",
+                "fixed",
+                "--bits",
+                "1",
+                "--frac-bits",
+                "0",
+                "--values",
+                "1",
+            ],
+            "2..=16 total bits",
+        ),
+        (
+            &[
+                "tensor", "--method", "linear", "--bits", "8", "--shape", "3", "--values", "1,2",
+            ],
+            "has 3 elements, but 2 values",
+        ),
+        (
+            &[
+                "tensor",
+                "--method",
+                "linear",
+                "--bits",
+                "8",
+                "--npy",
+                "/nonexistent/x.npy",
+            ],
+            "/nonexistent/x.npy: cannot read",
+        ),
+        (
+            &[
+                "tensor", "--method", "kmeans2", "--bits", "8", "--values", "1",
+            ],
+            "invalid value 'kmeans2'",
+        ),
     ];
     for (args, needle) in cases {
         let (code, stdout, stderr) = quantbench(args);
@@ -98,8 +228,19 @@ fn bad_input_is_one_line_and_exit_2() {
     let at = bytes.windows(3).position(|w| w == b"<f4").unwrap();
     bytes[at + 1] = b'i';
     std::fs::write(&p, bytes).unwrap();
-    let (code, _, stderr) = quantbench(&["tensor", "--method", "linear", "--bits", "8", "--npy", p.to_str().unwrap()]);
+    let (code, _, stderr) = quantbench(&[
+        "tensor",
+        "--method",
+        "linear",
+        "--bits",
+        "8",
+        "--npy",
+        p.to_str().unwrap(),
+    ]);
     assert_eq!(code, 2);
-    assert!(stderr.contains("dtype '<i4': expected little-endian float32"), "{stderr}");
+    assert!(
+        stderr.contains("dtype '<i4': expected little-endian float32"),
+        "{stderr}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

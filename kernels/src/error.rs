@@ -66,7 +66,11 @@ impl fmt::Display for KernelError {
 
 impl std::error::Error for KernelError {}
 
-pub(crate) fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), KernelError> {
+pub(crate) fn check_len(
+    what: &'static str,
+    expected: usize,
+    got: usize,
+) -> Result<(), KernelError> {
     if expected == got {
         Ok(())
     } else {

@@ -94,7 +94,12 @@ pub fn pack_codes<T: Code>(codes: &[T], qmin: i32, bits: u32) -> Result<Vec<u8>,
 }
 
 /// Inverse of [`pack_codes`]: `n` codes.
-pub fn unpack_codes<T: Code>(packed: &[u8], qmin: i32, bits: u32, n: usize) -> Result<Vec<T>, KernelError> {
+pub fn unpack_codes<T: Code>(
+    packed: &[u8],
+    qmin: i32,
+    bits: u32,
+    n: usize,
+) -> Result<Vec<T>, KernelError> {
     let mut fields = vec![0u8; n];
     unpack_bits(packed, bits, &mut fields)?;
     let top = qmin + (1 << bits) - 1;
@@ -103,5 +108,8 @@ pub fn unpack_codes<T: Code>(packed: &[u8], qmin: i32, bits: u32, n: usize) -> R
             message: format!("codes [{qmin}, {top}] do not fit {}", T::NAME),
         });
     }
-    Ok(fields.into_iter().map(|f| T::from_i32(qmin + f as i32)).collect())
+    Ok(fields
+        .into_iter()
+        .map(|f| T::from_i32(qmin + f as i32))
+        .collect())
 }

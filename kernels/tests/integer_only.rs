@@ -30,7 +30,11 @@ fn srdhm_table() {
         (-2147483648, 0, 0),
     ];
     for &(a, b, want) in table {
-        assert_eq!(saturating_rounding_doubling_high_mul(a, b), want, "SRDHM({a}, {b})");
+        assert_eq!(
+            saturating_rounding_doubling_high_mul(a, b),
+            want,
+            "SRDHM({a}, {b})"
+        );
     }
 }
 
@@ -76,13 +80,17 @@ fn quantize_multiplier_table() {
         (0.0039215686, 1077952569, -7),
         (1.5, 1610612736, 1),
         (1234.5678, 1294538165, 11),
-        (0.7071067811865476, 1518500250, 0),
+        (std::f64::consts::FRAC_1_SQRT_2, 1518500250, 0),
         (2.3283064365386963e-10, 1073741824, -31),
         (0.0, 0, 0),
     ];
     for &(real, m, s) in table {
         let got = quantize_multiplier(real).unwrap();
-        assert_eq!((got.multiplier, got.shift), (m, s), "QuantizeMultiplier({real})");
+        assert_eq!(
+            (got.multiplier, got.shift),
+            (m, s),
+            "QuantizeMultiplier({real})"
+        );
         if m != 0 {
             assert!((got.to_f64() - real).abs() <= real * 2f64.powi(-30));
         }
@@ -116,15 +124,19 @@ fn multiply_by_quantized_multiplier_table() {
         (5000000, 3e-10, 0),
         (2147483647, 4.656612873077393e-10, 1),
         (-2147483648, 4.656612873077393e-10, -1),
-        (777, 0.7071067811865476, 549),
-        (-777, 0.7071067811865476, -549),
+        (777, std::f64::consts::FRAC_1_SQRT_2, 549),
+        (-777, std::f64::consts::FRAC_1_SQRT_2, -549),
         (3, 0.5, 2),
         (-3, 0.5, -1),
         (99999, 1234.5678, 123455545),
     ];
     for &(x, real, want) in table {
         let m = quantize_multiplier(real).unwrap();
-        assert_eq!(multiply_by_quantized_multiplier(x, m), want, "MBQM({x}, {real})");
+        assert_eq!(
+            multiply_by_quantized_multiplier(x, m),
+            want,
+            "MBQM({x}, {real})"
+        );
         // and through the vector kernels of every ISA, in every lane position
         for isa in isas() {
             let k = Kernels::new(isa).unwrap();
@@ -133,7 +145,10 @@ fn multiply_by_quantized_multiplier_table() {
             let o = RequantOutput::new(0, i16::MIN as i32, i16::MAX as i32).unwrap();
             k.requantize(&acc, m, &o, &mut out).unwrap();
             let clamped = want.clamp(i16::MIN as i32, i16::MAX as i32);
-            assert!(out.iter().all(|&v| v as i32 == clamped), "{isa}: MBQM({x}, {real})");
+            assert!(
+                out.iter().all(|&v| v as i32 == clamped),
+                "{isa}: MBQM({x}, {real})"
+            );
         }
     }
 }
@@ -176,7 +191,11 @@ fn check_parity<T: Code + PartialEq>(seed: u64, zp: i32) {
             let (mut want, mut got) = (vec![T::default(); n], vec![T::default(); n]);
             scalar.requantize(&acc, m, o, &mut want).unwrap();
             k.requantize(&acc, m, o, &mut got).unwrap();
-            assert!(want == got, "requantize<{}> {isa} n={n} {m:?} {o:?}", T::NAME);
+            assert!(
+                want == got,
+                "requantize<{}> {isa} n={n} {m:?} {o:?}",
+                T::NAME
+            );
         }
         for channels in [1usize, 3, 7, 8, 15, 16, 17, 33, 64, 100] {
             let rows = 1 + rng.below(9) as usize;
@@ -184,10 +203,17 @@ fn check_parity<T: Code + PartialEq>(seed: u64, zp: i32) {
             let ms: Vec<Multiplier> = (0..channels).map(|_| random_multiplier(&mut rng)).collect();
             let cm = ChannelMultipliers::new(&ms);
             let o = &outputs[channels % outputs.len()];
-            let (mut want, mut got) = (vec![T::default(); acc.len()], vec![T::default(); acc.len()]);
-            scalar.requantize_per_channel(&acc, &cm, o, &mut want).unwrap();
+            let (mut want, mut got) =
+                (vec![T::default(); acc.len()], vec![T::default(); acc.len()]);
+            scalar
+                .requantize_per_channel(&acc, &cm, o, &mut want)
+                .unwrap();
             k.requantize_per_channel(&acc, &cm, o, &mut got).unwrap();
-            assert!(want == got, "requantize_per_channel<{}> {isa} {rows}x{channels}", T::NAME);
+            assert!(
+                want == got,
+                "requantize_per_channel<{}> {isa} {rows}x{channels}",
+                T::NAME
+            );
             for (i, &v) in want.iter().enumerate() {
                 let m = ms[i % channels];
                 let r = (multiply_by_quantized_multiplier(acc[i], m) as i64 + zp as i64)
@@ -226,7 +252,13 @@ fn activation_ranges() {
     assert_eq!((relu6.act_min(), relu6.act_max()), (10, 130)); // 10 + 6 / 0.05
     let k = Kernels::active();
     let mut q = [0u8; 4];
-    k.requantize(&[-1000, 0, 500, 100000], quantize_multiplier(0.25).unwrap(), &relu6, &mut q).unwrap();
+    k.requantize(
+        &[-1000, 0, 500, 100000],
+        quantize_multiplier(0.25).unwrap(),
+        &relu6,
+        &mut q,
+    )
+    .unwrap();
     assert_eq!(q, [10, 10, 130, 130]);
 }
 
@@ -237,9 +269,19 @@ fn bad_calls_are_errors() {
     let o = RequantOutput::new(0, -128, 127).unwrap();
     assert!(k.requantize(&[1, 2], m, &o, &mut [0i8; 1]).is_err());
     let wide = RequantOutput::new(0, -128, 300).unwrap();
-    assert!(k.requantize(&[1], m, &wide, &mut [0i8; 1]).unwrap_err().to_string().contains("does not fit i8"));
+    assert!(k
+        .requantize(&[1], m, &wide, &mut [0i8; 1])
+        .unwrap_err()
+        .to_string()
+        .contains("does not fit i8"));
     let cm = ChannelMultipliers::new(&[m, m, m]);
-    let e = k.requantize_per_channel(&[0; 4], &cm, &o, &mut [0i8; 4]).unwrap_err();
-    assert!(e.to_string().contains("not a whole number of rows of 3 channels"), "{e}");
+    let e = k
+        .requantize_per_channel(&[0; 4], &cm, &o, &mut [0i8; 4])
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("not a whole number of rows of 3 channels"),
+        "{e}"
+    );
     assert!(RequantOutput::new(0, 10, 5).is_err());
 }

@@ -7,8 +7,13 @@ use quantbench_kernels::{Kernels, QuantParams};
 
 #[test]
 fn default_dispatch_runs_the_forced_or_best_path() {
-    let expected = isa_from_env().expect("QUANTBENCH_ISA must be valid for this test").unwrap_or_else(Isa::best);
-    eprintln!("QUANTBENCH_ISA={:?}: expecting {expected}", std::env::var(isa::ISA_ENV).ok());
+    let expected = isa_from_env()
+        .expect("QUANTBENCH_ISA must be valid for this test")
+        .unwrap_or_else(Isa::best);
+    eprintln!(
+        "QUANTBENCH_ISA={:?}: expecting {expected}",
+        std::env::var(isa::ISA_ENV).ok()
+    );
     assert_eq!(isa::active(), expected);
     let p = QuantParams::with_bits(0.1, 0, 8, true).unwrap();
     let x: Vec<f32> = (0..1000).map(|i| i as f32 * 0.01).collect();
@@ -17,7 +22,10 @@ fn default_dispatch_runs_the_forced_or_best_path() {
     assert!(isa::has_run(expected), "the {expected} path never ran");
     for other in Isa::ALL {
         if other != expected {
-            assert!(!isa::has_run(other), "{other} ran although {expected} is active");
+            assert!(
+                !isa::has_run(other),
+                "{other} ran although {expected} is active"
+            );
         }
     }
 }

@@ -11,7 +11,11 @@ use quantbench_kernels::{ChannelLayout, Code, Kernels, LinearScheme, NoiseKey, Q
 /// zero points at the ends and in the middle.
 fn param_sets<T: Code>(rng: &mut Rng) -> Vec<QuantParams> {
     let mut v = Vec::new();
-    let widths: &[u32] = if T::MAX > 255 { &[16, 12] } else { &[1, 2, 3, 4, 5, 7, 8] };
+    let widths: &[u32] = if T::MAX > 255 {
+        &[16, 12]
+    } else {
+        &[1, 2, 3, 4, 5, 7, 8]
+    };
     for &bits in widths {
         let signed = T::MIN < 0;
         let (qmin, qmax) = if bits == 12 {
@@ -50,7 +54,11 @@ fn check_type<T: Code + PartialEq>(seed: u64) {
             let (mut fw, mut fg) = (vec![0f32; n], vec![0f32; n]);
             scalar.dequantize(&want, &p, &mut fw).unwrap();
             k.dequantize(&want, &p, &mut fg).unwrap();
-            assert!(bits_eq(&fw, &fg), "dequantize<{}> {isa} n={n} {p:?}", T::NAME);
+            assert!(
+                bits_eq(&fw, &fg),
+                "dequantize<{}> {isa} n={n} {p:?}",
+                T::NAME
+            );
 
             scalar.fake_quantize(&x, &p, &mut fw).unwrap();
             k.fake_quantize(&x, &p, &mut fg).unwrap();
@@ -61,9 +69,16 @@ fn check_type<T: Code + PartialEq>(seed: u64) {
 
             let key = NoiseKey::from_seed(seed ^ n as u64);
             let offset = rng.next_u64() as u32;
-            scalar.quantize_stochastic(&x, &p, key, offset, &mut want).unwrap();
-            k.quantize_stochastic(&x, &p, key, offset, &mut got).unwrap();
-            assert!(want == got, "quantize_stochastic<{}> {isa} n={n} {p:?}", T::NAME);
+            scalar
+                .quantize_stochastic(&x, &p, key, offset, &mut want)
+                .unwrap();
+            k.quantize_stochastic(&x, &p, key, offset, &mut got)
+                .unwrap();
+            assert!(
+                want == got,
+                "quantize_stochastic<{}> {isa} n={n} {p:?}",
+                T::NAME
+            );
 
             assert_eq!(scalar.min_max(&x), k.min_max(&x), "min_max {isa} n={n}");
         }
@@ -99,19 +114,36 @@ fn per_channel_matches_per_tensor_on_every_axis() {
         for axis in 0..shape.len() {
             let layout = ChannelLayout::new(&shape, axis).unwrap();
             let params = k.choose_params_per_channel(&x, &layout, &scheme).unwrap();
-            assert_eq!(params, Kernels::scalar().choose_params_per_channel(&x, &layout, &scheme).unwrap());
+            assert_eq!(
+                params,
+                Kernels::scalar()
+                    .choose_params_per_channel(&x, &layout, &scheme)
+                    .unwrap()
+            );
             let mut q = vec![0i8; n];
-            k.quantize_per_channel(&x, &layout, &params, &mut q).unwrap();
+            k.quantize_per_channel(&x, &layout, &params, &mut q)
+                .unwrap();
             let mut deq = vec![0f32; n];
-            k.dequantize_per_channel(&q, &layout, &params, &mut deq).unwrap();
+            k.dequantize_per_channel(&q, &layout, &params, &mut deq)
+                .unwrap();
             let mut fake = vec![0f32; n];
-            k.fake_quantize_per_channel(&x, &layout, &params, &mut fake).unwrap();
-            assert!(bits_eq(&deq, &fake), "{isa} axis {axis}: dequant(quant) != fake-quant");
+            k.fake_quantize_per_channel(&x, &layout, &params, &mut fake)
+                .unwrap();
+            assert!(
+                bits_eq(&deq, &fake),
+                "{isa} axis {axis}: dequant(quant) != fake-quant"
+            );
             // element by element against the scalar reference of its own channel
-            let strides: Vec<usize> = (0..shape.len()).map(|d| shape[d + 1..].iter().product()).collect();
+            let strides: Vec<usize> = (0..shape.len())
+                .map(|d| shape[d + 1..].iter().product())
+                .collect();
             for i in 0..n {
                 let c = (i / strides[axis]) % shape[axis];
-                assert_eq!(q[i] as i32, params[c].quantize_one(x[i]), "{isa} axis {axis} i {i}");
+                assert_eq!(
+                    q[i] as i32,
+                    params[c].quantize_one(x[i]),
+                    "{isa} axis {axis} i {i}"
+                );
             }
         }
     }
@@ -127,7 +159,15 @@ fn length_and_range_errors_are_reported() {
     let err = k.quantize(&[1.0], &wide, &mut [0i8; 1]).unwrap_err();
     assert!(err.to_string().contains("does not fit i8"), "{err}");
     let layout = ChannelLayout::new(&[2, 3], 1).unwrap();
-    let err = k.quantize_per_channel(&[0.0; 6], &layout, &[p, p], &mut [0i8; 6]).unwrap_err();
-    assert_eq!(err.to_string(), "per-channel parameters: expected length 3, got 2");
-    assert!(ChannelLayout::new(&[2, 3], 2).unwrap_err().to_string().contains("axis 2 out of range"));
+    let err = k
+        .quantize_per_channel(&[0.0; 6], &layout, &[p, p], &mut [0i8; 6])
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "per-channel parameters: expected length 3, got 2"
+    );
+    assert!(ChannelLayout::new(&[2, 3], 2)
+        .unwrap_err()
+        .to_string()
+        .contains("axis 2 out of range"));
 }

@@ -32,10 +32,16 @@ fn asymmetric_parameters_follow_the_documented_formula() {
     let p = s.params_from_range(Some((2.0, 5.0))).unwrap();
     assert_eq!((p.scale(), p.zero_point()), (5.0f32 / 255.0, 0));
     // signed 8 bit: [-2, -1] -> [-2, 0], zero point at the top
-    let p = LinearScheme::new(8, true, false).unwrap().params_from_range(Some((-2.0, -1.0))).unwrap();
+    let p = LinearScheme::new(8, true, false)
+        .unwrap()
+        .params_from_range(Some((-2.0, -1.0)))
+        .unwrap();
     assert_eq!((p.scale(), p.zero_point()), (2.0f32 / 255.0, 127));
     // the seed's 2-bit example: [-1, 2] onto [-2, 1]
-    let p = LinearScheme::new(2, true, false).unwrap().params_from_range(Some((-1.0, 2.0))).unwrap();
+    let p = LinearScheme::new(2, true, false)
+        .unwrap()
+        .params_from_range(Some((-1.0, 2.0)))
+        .unwrap();
     assert_eq!((p.scale(), p.zero_point()), (1.0, -1));
     assert_eq!(p.quantize_one(0.0), -1);
     assert_eq!(p.dequantize_one(-1), 0.0);
@@ -43,12 +49,24 @@ fn asymmetric_parameters_follow_the_documented_formula() {
 
 #[test]
 fn symmetric_parameters() {
-    let p = LinearScheme::new(8, true, true).unwrap().params_from_range(Some((-0.5, 2.54))).unwrap();
+    let p = LinearScheme::new(8, true, true)
+        .unwrap()
+        .params_from_range(Some((-0.5, 2.54)))
+        .unwrap();
     assert_eq!((p.scale(), p.zero_point()), (2.54f32 / 127.0, 0));
-    let p = LinearScheme::new(8, false, true).unwrap().params_from_range(Some((-3.0, 1.0))).unwrap();
+    let p = LinearScheme::new(8, false, true)
+        .unwrap()
+        .params_from_range(Some((-3.0, 1.0)))
+        .unwrap();
     assert_eq!((p.scale(), p.zero_point()), (3.0f32 / 127.0, 128));
-    let p = LinearScheme::new(4, true, true).unwrap().params_from_range(Some((-7.0, 7.0))).unwrap();
-    assert_eq!((p.scale(), p.zero_point(), p.qmin(), p.qmax()), (1.0, 0, -8, 7));
+    let p = LinearScheme::new(4, true, true)
+        .unwrap()
+        .params_from_range(Some((-7.0, 7.0)))
+        .unwrap();
+    assert_eq!(
+        (p.scale(), p.zero_point(), p.qmin(), p.qmax()),
+        (1.0, 0, -8, 7)
+    );
 }
 
 #[test]
@@ -67,7 +85,10 @@ fn degenerate_tensors_get_valid_parameters() {
             ];
             for x in cases {
                 let p = k.choose_params(x, &s).unwrap();
-                assert!(p.scale().is_finite() && p.scale() >= MIN_SCALE && p.scale() <= MAX_SCALE, "{x:?} {p:?}");
+                assert!(
+                    p.scale().is_finite() && p.scale() >= MIN_SCALE && p.scale() <= MAX_SCALE,
+                    "{x:?} {p:?}"
+                );
                 assert!(p.inv_scale().is_finite() && p.inv_scale() > 0.0);
                 let mut q = vec![0i16; x.len()];
                 let mut back = vec![0f32; x.len()];
@@ -83,7 +104,10 @@ fn degenerate_tensors_get_valid_parameters() {
             assert!((p.dequantize_one(p.quantize_one(3.25)) - 3.25).abs() <= p.scale() / 2.0);
         }
     }
-    assert!(LinearScheme::new(8, true, false).unwrap().params_from_range(Some((f32::NAN, 1.0))).is_err());
+    assert!(LinearScheme::new(8, true, false)
+        .unwrap()
+        .params_from_range(Some((f32::NAN, 1.0)))
+        .is_err());
 }
 
 #[test]
@@ -92,7 +116,10 @@ fn invalid_parameters_are_refused() {
         let e = QuantParams::new(s, 0, -128, 127).unwrap_err();
         assert!(e.to_string().starts_with("scale = "), "{e}");
     }
-    assert!(QuantParams::new(1.0, 128, -128, 127).unwrap_err().to_string().contains("zero_point = 128"));
+    assert!(QuantParams::new(1.0, 128, -128, 127)
+        .unwrap_err()
+        .to_string()
+        .contains("zero_point = 128"));
     assert!(QuantParams::new(1.0, 0, 5, 4).is_err());
     assert!(QuantParams::new(1.0, 0, 0, 70000).is_err());
 }
@@ -102,24 +129,24 @@ fn invalid_parameters_are_refused() {
 fn edge_table() {
     let p = QuantParams::with_bits(0.5, 3, 8, true).unwrap(); // codes [-128, 127], zp 3
     let table: &[(f32, i8)] = &[
-        (f32::NAN, 3),          // NaN reads as 0.0
+        (f32::NAN, 3), // NaN reads as 0.0
         (-f32::NAN, 3),
-        (f32::INFINITY, 127),   // +inf saturates
+        (f32::INFINITY, 127), // +inf saturates
         (f32::NEG_INFINITY, -128),
         (0.0, 3),
         (-0.0, 3),
-        (1e-45, 3),             // subnormal
+        (1e-45, 3), // subnormal
         (-1e-40, 3),
         (f32::MAX, 127),
         (f32::MIN, -128),
-        (0.25, 3),              // 0.5 step: tie -> even (0)
-        (0.75, 5),              // 1.5 -> 2
-        (1.25, 5),              // 2.5 -> 2
-        (-0.25, 3),             // -0.5 -> -0
-        (-0.75, 1),             // -1.5 -> -2
-        (62.0, 127),            // 124 + 3 = 127 exactly
-        (62.5, 127),            // saturates
-        (-65.5, -128),          // -131 + 3 = -128 exactly
+        (0.25, 3),     // 0.5 step: tie -> even (0)
+        (0.75, 5),     // 1.5 -> 2
+        (1.25, 5),     // 2.5 -> 2
+        (-0.25, 3),    // -0.5 -> -0
+        (-0.75, 1),    // -1.5 -> -2
+        (62.0, 127),   // 124 + 3 = 127 exactly
+        (62.5, 127),   // saturates
+        (-65.5, -128), // -131 + 3 = -128 exactly
         (-70.0, -128),
     ];
     for isa in isas() {
@@ -136,7 +163,11 @@ fn edge_table() {
         let mut f = vec![0f32; x.len()];
         k.fake_quantize(&x, &p, &mut f).unwrap();
         for (i, &v) in f.iter().enumerate() {
-            assert_eq!(v, (table[i % table.len()].1 as i32 - 3) as f32 * 0.5, "{isa}: fake at {i}");
+            assert_eq!(
+                v,
+                (table[i % table.len()].1 as i32 - 3) as f32 * 0.5,
+                "{isa}: fake at {i}"
+            );
         }
         let mut mm = x.clone();
         mm.truncate(table.len());
@@ -166,7 +197,12 @@ fn invariants() {
                     assert!((p.qmin()..=p.qmax()).contains(&(q[i] as i32)));
                     if x[i] >= lo && x[i] <= hi {
                         let tol = p.scale() / 2.0 * (1.0 + 1e-5);
-                        assert!((back[i] - x[i]).abs() <= tol, "{isa} bits {bits}: {} -> {}", x[i], back[i]);
+                        assert!(
+                            (back[i] - x[i]).abs() <= tol,
+                            "{isa} bits {bits}: {} -> {}",
+                            x[i],
+                            back[i]
+                        );
                     }
                 }
                 x.sort_by(f32::total_cmp);
@@ -185,16 +221,40 @@ fn stochastic_rounding_is_unbiased_and_seeded() {
     for isa in isas() {
         let k = Kernels::new(isa).unwrap();
         let mut q = vec![0i8; x.len()];
-        k.quantize_stochastic(&x, &p, quantbench_kernels::NoiseKey::from_seed(7), 0, &mut q).unwrap();
+        k.quantize_stochastic(
+            &x,
+            &p,
+            quantbench_kernels::NoiseKey::from_seed(7),
+            0,
+            &mut q,
+        )
+        .unwrap();
         assert!(q.iter().all(|&c| c == 0 || c == 1));
         let mean = q.iter().map(|&c| c as f64).sum::<f64>() / x.len() as f64;
         // binomial standard error at p=0.3, n=1e5 is 0.00145: allow 4 sigma
         assert!((mean - 0.3).abs() < 0.006, "{isa}: mean {mean}");
         let mut again = vec![0i8; x.len()];
-        k.quantize_stochastic(&x, &p, quantbench_kernels::NoiseKey::from_seed(7), 0, &mut again).unwrap();
+        k.quantize_stochastic(
+            &x,
+            &p,
+            quantbench_kernels::NoiseKey::from_seed(7),
+            0,
+            &mut again,
+        )
+        .unwrap();
         assert_eq!(q, again);
-        k.quantize_stochastic(&x, &p, quantbench_kernels::NoiseKey::from_seed(8), 0, &mut again).unwrap();
-        assert_ne!(q, again, "{isa}: a different seed must give different noise");
+        k.quantize_stochastic(
+            &x,
+            &p,
+            quantbench_kernels::NoiseKey::from_seed(8),
+            0,
+            &mut again,
+        )
+        .unwrap();
+        assert_ne!(
+            q, again,
+            "{isa}: a different seed must give different noise"
+        );
     }
 }
 
@@ -205,7 +265,17 @@ fn stochastic_rounding_is_unbiased_and_seeded() {
 fn simd_quotient_is_exact_at_near_ties() {
     let mut rng = Rng::new(3);
     let scalar = Kernels::scalar();
-    let mut scales = vec![3.0f32, 0.1, 1.0 / 255.0, 5.0 / 255.0, 0.0137, 7.77e-5, MIN_SCALE, MAX_SCALE, 1.0 / 3.0];
+    let mut scales = vec![
+        3.0f32,
+        0.1,
+        1.0 / 255.0,
+        5.0 / 255.0,
+        0.0137,
+        7.77e-5,
+        MIN_SCALE,
+        MAX_SCALE,
+        1.0 / 3.0,
+    ];
     for _ in 0..40 {
         scales.push((1.0 + rng.unit()) * 2f32.powi(rng.range_i32(-99, 99)));
     }
@@ -238,9 +308,18 @@ fn simd_quotient_is_exact_at_near_ties() {
         }
         for isa in isas() {
             let mut got = vec![0i16; x.len()];
-            Kernels::new(isa).unwrap().quantize(&x, &p, &mut got).unwrap();
+            Kernels::new(isa)
+                .unwrap()
+                .quantize(&x, &p, &mut got)
+                .unwrap();
             for i in 0..x.len() {
-                assert_eq!(got[i], want[i], "{isa}: x = {:e} ({:#x}), scale = {scale:e}", x[i], x[i].to_bits());
+                assert_eq!(
+                    got[i],
+                    want[i],
+                    "{isa}: x = {:e} ({:#x}), scale = {scale:e}",
+                    x[i],
+                    x[i].to_bits()
+                );
             }
             checked += x.len();
         }

@@ -29,7 +29,12 @@ fn tensor(v: &Value) -> Tensor {
     };
     Tensor {
         dtype: v["elem_type_name"].as_str().unwrap().to_string(),
-        dims: v["dims"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect(),
+        dims: v["dims"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect(),
         values: v["values"].as_array().unwrap().iter().map(num).collect(),
         bits: v
             .get("bits")
@@ -74,7 +79,9 @@ fn param_index(x_dims: &[usize], scale_dims: &[usize], axis: usize, block: usize
                 return idx[axis];
             }
             idx[axis] /= block;
-            idx.iter().zip(scale_dims).fold(0, |acc, (&v, &d)| acc * d + v)
+            idx.iter()
+                .zip(scale_dims)
+                .fold(0, |acc, (&v, &d)| acc * d + v)
         })
         .collect()
 }
@@ -94,7 +101,13 @@ fn attr(node: &Value, name: &str) -> Option<i64> {
 
 /// Quantizes or dequantizes on `k` through the per-tensor / per-channel API, or for blocked
 /// layouts by gathering each parameter group into one contiguous call.
-fn run_q<T: Code>(k: &Kernels, x: &[f32], groups: &[usize], params: &[QuantParams], layout: Option<ChannelLayout>) -> Vec<i32> {
+fn run_q<T: Code>(
+    k: &Kernels,
+    x: &[f32],
+    groups: &[usize],
+    params: &[QuantParams],
+    layout: Option<ChannelLayout>,
+) -> Vec<i32> {
     let mut out = vec![T::default(); x.len()];
     if params.len() == 1 {
         k.quantize(x, &params[0], &mut out).unwrap();
@@ -114,13 +127,20 @@ fn run_q<T: Code>(k: &Kernels, x: &[f32], groups: &[usize], params: &[QuantParam
     out.iter().map(|c| c.to_i32()).collect()
 }
 
-fn run_dq<T: Code>(k: &Kernels, q: &[i32], groups: &[usize], params: &[QuantParams], layout: Option<ChannelLayout>) -> Vec<f32> {
+fn run_dq<T: Code>(
+    k: &Kernels,
+    q: &[i32],
+    groups: &[usize],
+    params: &[QuantParams],
+    layout: Option<ChannelLayout>,
+) -> Vec<f32> {
     let codes: Vec<T> = q.iter().map(|&v| T::from_i32(v)).collect();
     let mut out = vec![0f32; q.len()];
     if params.len() == 1 {
         k.dequantize(&codes, &params[0], &mut out).unwrap();
     } else if let Some(l) = layout {
-        k.dequantize_per_channel(&codes, &l, params, &mut out).unwrap();
+        k.dequantize_per_channel(&codes, &l, params, &mut out)
+            .unwrap();
     } else {
         for (g, p) in params.iter().enumerate() {
             let idx: Vec<usize> = (0..q.len()).filter(|&i| groups[i] == g).collect();
@@ -135,7 +155,15 @@ fn run_dq<T: Code>(k: &Kernels, q: &[i32], groups: &[usize], params: &[QuantPara
     out
 }
 
-fn dispatch_q(k: &Kernels, bits: u32, signed: bool, x: &[f32], g: &[usize], p: &[QuantParams], l: Option<ChannelLayout>) -> Vec<i32> {
+fn dispatch_q(
+    k: &Kernels,
+    bits: u32,
+    signed: bool,
+    x: &[f32],
+    g: &[usize],
+    p: &[QuantParams],
+    l: Option<ChannelLayout>,
+) -> Vec<i32> {
     match (bits > 8, signed) {
         (false, true) => run_q::<i8>(k, x, g, p, l),
         (false, false) => run_q::<u8>(k, x, g, p, l),
@@ -144,7 +172,15 @@ fn dispatch_q(k: &Kernels, bits: u32, signed: bool, x: &[f32], g: &[usize], p: &
     }
 }
 
-fn dispatch_dq(k: &Kernels, bits: u32, signed: bool, q: &[i32], g: &[usize], p: &[QuantParams], l: Option<ChannelLayout>) -> Vec<f32> {
+fn dispatch_dq(
+    k: &Kernels,
+    bits: u32,
+    signed: bool,
+    q: &[i32],
+    g: &[usize],
+    p: &[QuantParams],
+    l: Option<ChannelLayout>,
+) -> Vec<f32> {
     match (bits > 8, signed) {
         (false, true) => run_dq::<i8>(k, q, g, p, l),
         (false, false) => run_dq::<u8>(k, q, g, p, l),
@@ -154,12 +190,23 @@ fn dispatch_dq(k: &Kernels, bits: u32, signed: bool, q: &[i32], g: &[usize], p: 
 }
 
 fn run_case(dir: &Path) -> Outcome {
-    let case: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    let case: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
     let name = case["case"].as_str().unwrap().to_string();
     let nodes = case["graph"]["nodes"].as_array().unwrap();
     let set = &case["test_data_sets"][0];
-    let inputs: Vec<Tensor> = set["inputs"].as_array().unwrap().iter().map(tensor).collect();
-    let outputs: Vec<Tensor> = set["outputs"].as_array().unwrap().iter().map(tensor).collect();
+    let inputs: Vec<Tensor> = set["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(tensor)
+        .collect();
+    let outputs: Vec<Tensor> = set["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(tensor)
+        .collect();
 
     if name.contains("dynamicquantizelinear") {
         // y_scale = (max(x,0) - min(x,0)) / 255, zero point and codes as ONNX defines them
@@ -168,8 +215,16 @@ fn run_case(dir: &Path) -> Outcome {
         for isa in isas() {
             let k = Kernels::new(isa).unwrap();
             let p = k.choose_params(&x, &scheme).unwrap();
-            assert_eq!(p.scale().to_bits(), outputs[1].bits[0], "{name} {isa}: y_scale");
-            assert_eq!(p.zero_point() as f64, outputs[2].values[0], "{name} {isa}: y_zero_point");
+            assert_eq!(
+                p.scale().to_bits(),
+                outputs[1].bits[0],
+                "{name} {isa}: y_scale"
+            );
+            assert_eq!(
+                p.zero_point() as f64,
+                outputs[2].values[0],
+                "{name} {isa}: y_zero_point"
+            );
             let mut q = vec![0u8; x.len()];
             k.quantize(&x, &p, &mut q).unwrap();
             let want: Vec<u8> = outputs[0].values.iter().map(|&v| v as u8).collect();
@@ -186,13 +241,20 @@ fn run_case(dir: &Path) -> Outcome {
         other => return Outcome::Skip(format!("operator {other} belongs to the GEMM issue")),
     };
     let Some((bits, signed)) = int_type(&code_t.dtype) else {
-        return Outcome::Skip(format!("element type {} (float8/float4) has no integer codes", code_t.dtype));
+        return Outcome::Skip(format!(
+            "element type {} (float8/float4) has no integer codes",
+            code_t.dtype
+        ));
     };
     let x_dims = float_in.dims.clone();
     let rank = x_dims.len();
     let axis = {
         let a = attr(node, "axis").unwrap_or(1);
-        if a < 0 { (a + rank as i64) as usize } else { a as usize }
+        if a < 0 {
+            (a + rank as i64) as usize
+        } else {
+            a as usize
+        }
     };
     let block = attr(node, "block_size").unwrap_or(0) as usize;
     let scale = &inputs[1];
@@ -208,7 +270,8 @@ fn run_case(dir: &Path) -> Outcome {
         .map(|(&s, &z)| QuantParams::new(s, z, qmin, qmax).unwrap())
         .collect();
     let groups = param_index(&x_dims, &scale.dims, axis, block);
-    let layout = (params.len() > 1 && scale.dims.len() == 1).then(|| ChannelLayout::new(&x_dims, axis).unwrap());
+    let layout = (params.len() > 1 && scale.dims.len() == 1)
+        .then(|| ChannelLayout::new(&x_dims, axis).unwrap());
 
     for isa in isas() {
         let k = Kernels::new(isa).unwrap();
@@ -222,7 +285,10 @@ fn run_case(dir: &Path) -> Outcome {
                 let codes: Vec<i8> = q.iter().map(|&v| v as i8).collect();
                 let packed = pack_codes(&codes, qmin, bits).unwrap();
                 assert_eq!(packed.len(), (q.len() * bits as usize).div_ceil(8));
-                assert_eq!(unpack_codes::<i8>(&packed, qmin, bits, q.len()).unwrap(), codes);
+                assert_eq!(
+                    unpack_codes::<i8>(&packed, qmin, bits, q.len()).unwrap(),
+                    codes
+                );
             }
         } else {
             let q: Vec<i32> = inputs[0].values.iter().map(|&v| v as i32).collect();
@@ -259,7 +325,11 @@ fn onnx_quantize_dequantize_conformance() {
             Outcome::Skip(why) => skipped.push(format!("{name}: {why}")),
         }
     }
-    eprintln!("ONNX conformance: {} passed, {} skipped", passed.len(), skipped.len());
+    eprintln!(
+        "ONNX conformance: {} passed, {} skipped",
+        passed.len(),
+        skipped.len()
+    );
     for s in &skipped {
         eprintln!("  skipped {s}");
     }

@@ -85,7 +85,8 @@ impl FixedPointFormat {
     /// The equivalent linear parameters (scale `2^-n`, zero point 0).
     pub fn params(&self) -> QuantParams {
         let (qmin, qmax) = self.qrange();
-        QuantParams::new(self.step(), 0, qmin, qmax).expect("frac_bits range keeps the scale normal")
+        QuantParams::new(self.step(), 0, qmin, qmax)
+            .expect("frac_bits range keeps the scale normal")
     }
 
     /// Dynamic fixed point: the format of `total_bits` with the most fractional bits such
@@ -102,7 +103,10 @@ impl FixedPointFormat {
         let half = 1i64 << (total_bits - 1);
         let fits = |n: i32| {
             let s = 2f64.powi(n);
-            let (a, b) = ((lo as f64 * s).round_ties_even(), (hi as f64 * s).round_ties_even());
+            let (a, b) = (
+                (lo as f64 * s).round_ties_even(),
+                (hi as f64 * s).round_ties_even(),
+            );
             a >= -(half as f64) && b <= (half - 1) as f64
         };
         let mut n = FRAC_BITS_RANGE.1;
@@ -129,7 +133,9 @@ impl Kernels {
         let p = format.params();
         match rounding {
             Rounding::NearestEven => self.quantize(x, &p, out),
-            Rounding::Stochastic { key, offset } => self.quantize_stochastic(x, &p, key, offset, out),
+            Rounding::Stochastic { key, offset } => {
+                self.quantize_stochastic(x, &p, key, offset, out)
+            }
         }
     }
 
@@ -144,7 +150,11 @@ impl Kernels {
     }
 
     /// The dynamic fixed-point format of `x` (see [`FixedPointFormat::for_range`]).
-    pub fn dynamic_fixed_point(&self, x: &[f32], total_bits: u32) -> Result<FixedPointFormat, KernelError> {
+    pub fn dynamic_fixed_point(
+        &self,
+        x: &[f32],
+        total_bits: u32,
+    ) -> Result<FixedPointFormat, KernelError> {
         FixedPointFormat::for_range(self.min_max(x), total_bits)
     }
 

@@ -62,7 +62,12 @@ pub unsafe fn requantize<T: Code>(acc: &[i32], m: Multiplier, o: &RequantOutput,
 /// # Safety
 /// The CPU must support NEON; `acc.len() == out.len()`, a multiple of `m.len()`.
 #[target_feature(enable = "neon")]
-pub unsafe fn requantize_per_channel<T: Code>(acc: &[i32], m: &ChannelMultipliers, o: &RequantOutput, out: &mut [T]) {
+pub unsafe fn requantize_per_channel<T: Code>(
+    acc: &[i32],
+    m: &ChannelMultipliers,
+    o: &RequantOutput,
+    out: &mut [T],
+) {
     let oc = out_consts(o);
     let channels = m.len();
     let (mp, lp, rp) = (m.multiplier.as_ptr(), m.left.as_ptr(), m.right.as_ptr());
@@ -74,13 +79,25 @@ pub unsafe fn requantize_per_channel<T: Code>(acc: &[i32], m: &ChannelMultiplier
             for (k, qk) in q.iter_mut().enumerate() {
                 let c = j + 4 * k;
                 let v = vld1q_s32(acc.as_ptr().add(base + c));
-                *qk = requant4(v, vld1q_s32(mp.add(c)), vld1q_s32(lp.add(c)), vld1q_s32(rp.add(c)), &oc);
+                *qk = requant4(
+                    v,
+                    vld1q_s32(mp.add(c)),
+                    vld1q_s32(lp.add(c)),
+                    vld1q_s32(rp.add(c)),
+                    &oc,
+                );
             }
             store16(out.as_mut_ptr().add(base + j), q[0], q[1], q[2], q[3]);
             j += 16;
         }
         for c in j..channels {
-            out[base + c] = T::from_i32(scalar::requantize_one(acc[base + c], m.get(c), o.zero_point, o.act_min, o.act_max));
+            out[base + c] = T::from_i32(scalar::requantize_one(
+                acc[base + c],
+                m.get(c),
+                o.zero_point,
+                o.act_min,
+                o.act_max,
+            ));
         }
     }
 }

@@ -3,9 +3,9 @@
 //! point and clamped to the activation range, with no floating point.
 //! The semantics are defined in [`scalar`]; SIMD paths match them bit for bit.
 
-pub mod scalar;
 #[cfg(target_arch = "aarch64")]
 mod aarch64_neon;
+pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86_avx2;
 #[cfg(target_arch = "x86_64")]
@@ -225,7 +225,7 @@ impl Kernels {
         out: &mut [T],
     ) -> Result<(), KernelError> {
         check_len("requantize output", acc.len(), out.len())?;
-        if m.is_empty() || acc.len() % m.len() != 0 {
+        if m.is_empty() || !acc.len().is_multiple_of(m.len()) {
             return Err(KernelError::Shape {
                 message: format!(
                     "requantize_per_channel: {} accumulators are not a whole number of rows of {} channels",
@@ -244,10 +244,20 @@ impl Kernels {
 }
 
 /// Requantizes i32 to i8 on the active ISA.
-pub fn requantize_i32_i8(acc: &[i32], m: Multiplier, output: &RequantOutput, out: &mut [i8]) -> Result<(), KernelError> {
+pub fn requantize_i32_i8(
+    acc: &[i32],
+    m: Multiplier,
+    output: &RequantOutput,
+    out: &mut [i8],
+) -> Result<(), KernelError> {
     Kernels::active().requantize(acc, m, output, out)
 }
 /// Requantizes i32 to u8 on the active ISA.
-pub fn requantize_i32_u8(acc: &[i32], m: Multiplier, output: &RequantOutput, out: &mut [u8]) -> Result<(), KernelError> {
+pub fn requantize_i32_u8(
+    acc: &[i32],
+    m: Multiplier,
+    output: &RequantOutput,
+    out: &mut [u8],
+) -> Result<(), KernelError> {
     Kernels::active().requantize(acc, m, output, out)
 }

@@ -67,7 +67,12 @@ pub fn requantize_one(acc: i32, m: Multiplier, zero_point: i32, act_min: i32, ac
     v.clamp(act_min as i64, act_max as i64) as i32
 }
 
-pub fn requantize<T: Code>(acc: &[i32], m: Multiplier, out_params: &super::RequantOutput, out: &mut [T]) {
+pub fn requantize<T: Code>(
+    acc: &[i32],
+    m: Multiplier,
+    out_params: &super::RequantOutput,
+    out: &mut [T],
+) {
     let o = out_params;
     for (d, &a) in out.iter_mut().zip(acc) {
         *d = T::from_i32(requantize_one(a, m, o.zero_point, o.act_min, o.act_max));
@@ -83,9 +88,18 @@ pub fn requantize_per_channel<T: Code>(
 ) {
     let o = out_params;
     let channels = m.len();
-    for (row_in, row_out) in acc.chunks_exact(channels).zip(out.chunks_exact_mut(channels)) {
+    for (row_in, row_out) in acc
+        .chunks_exact(channels)
+        .zip(out.chunks_exact_mut(channels))
+    {
         for (c, (d, &a)) in row_out.iter_mut().zip(row_in).enumerate() {
-            *d = T::from_i32(requantize_one(a, m.get(c), o.zero_point, o.act_min, o.act_max));
+            *d = T::from_i32(requantize_one(
+                a,
+                m.get(c),
+                o.zero_point,
+                o.act_min,
+                o.act_max,
+            ));
         }
     }
 }

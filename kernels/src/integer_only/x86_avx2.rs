@@ -26,7 +26,13 @@ unsafe fn out_consts(o: &RequantOutput) -> Out {
 /// per-lane multiplier `m` (>= 0), left shift `l` and right shift `r`.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn requant8<const LEFT: bool>(x: __m256i, m: __m256i, l: __m256i, r: __m256i, o: &Out) -> __m256i {
+unsafe fn requant8<const LEFT: bool>(
+    x: __m256i,
+    m: __m256i,
+    l: __m256i,
+    r: __m256i,
+    o: &Out,
+) -> __m256i {
     let x = if LEFT {
         let max = _mm256_set1_epi32(i32::MAX);
         let min = _mm256_set1_epi32(i32::MIN);
@@ -49,13 +55,21 @@ unsafe fn requant8<const LEFT: bool>(x: __m256i, m: __m256i, l: __m256i, r: __m2
     let mask = _mm256_sub_epi32(_mm256_sllv_epi32(one, r), one);
     let rem = _mm256_and_si256(h, mask);
     // threshold = (mask >> 1) + (h < 0); the compare yields -1 for true
-    let thr = _mm256_sub_epi32(_mm256_srli_epi32::<1>(mask), _mm256_cmpgt_epi32(_mm256_setzero_si256(), h));
+    let thr = _mm256_sub_epi32(
+        _mm256_srli_epi32::<1>(mask),
+        _mm256_cmpgt_epi32(_mm256_setzero_si256(), h),
+    );
     let q = _mm256_sub_epi32(_mm256_srav_epi32(h, r), _mm256_cmpgt_epi32(rem, thr));
     _mm256_add_epi32(_mm256_min_epi32(_mm256_max_epi32(q, o.lo), o.hi), o.zp)
 }
 
 #[target_feature(enable = "avx2,fma")]
-unsafe fn requantize_impl<T: Code, const LEFT: bool>(acc: &[i32], m: Multiplier, o: &RequantOutput, out: &mut [T]) {
+unsafe fn requantize_impl<T: Code, const LEFT: bool>(
+    acc: &[i32],
+    m: Multiplier,
+    o: &RequantOutput,
+    out: &mut [T],
+) {
     let oc = out_consts(o);
     let mv = _mm256_set1_epi32(m.multiplier);
     let l = _mm256_set1_epi32(m.shift.max(0));
@@ -111,14 +125,23 @@ unsafe fn per_channel_impl<T: Code, const LEFT: bool>(
                 _mm256_loadu_si256(lp.byte_add(j * 4)),
                 _mm256_loadu_si256(rp.byte_add(j * 4)),
             );
-            _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, requant8::<LEFT>(v, mv, l, r, &oc));
+            _mm256_storeu_si256(
+                lanes.as_mut_ptr() as *mut __m256i,
+                requant8::<LEFT>(v, mv, l, r, &oc),
+            );
             for (d, &q) in out[base + j..base + j + 8].iter_mut().zip(&lanes) {
                 *d = T::from_i32(q);
             }
             j += 8;
         }
         for c in j..channels {
-            out[base + c] = T::from_i32(scalar::requantize_one(acc[base + c], m.get(c), o.zero_point, o.act_min, o.act_max));
+            out[base + c] = T::from_i32(scalar::requantize_one(
+                acc[base + c],
+                m.get(c),
+                o.zero_point,
+                o.act_min,
+                o.act_max,
+            ));
         }
     }
 }
@@ -126,7 +149,12 @@ unsafe fn per_channel_impl<T: Code, const LEFT: bool>(
 /// # Safety
 /// The CPU must support AVX2; `acc.len() == out.len()`, a multiple of `m.len()`.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn requantize_per_channel<T: Code>(acc: &[i32], m: &ChannelMultipliers, o: &RequantOutput, out: &mut [T]) {
+pub unsafe fn requantize_per_channel<T: Code>(
+    acc: &[i32],
+    m: &ChannelMultipliers,
+    o: &RequantOutput,
+    out: &mut [T],
+) {
     if m.any_left_shift() {
         per_channel_impl::<T, true>(acc, m, o, out)
     } else {

@@ -26,7 +26,13 @@ unsafe fn out_consts(o: &RequantOutput) -> Out {
 /// per-lane multiplier `m` (>= 0), left shift `l` and right shift `r`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn requant16<const LEFT: bool>(x: __m512i, m: __m512i, l: __m512i, r: __m512i, o: &Out) -> __m512i {
+unsafe fn requant16<const LEFT: bool>(
+    x: __m512i,
+    m: __m512i,
+    l: __m512i,
+    r: __m512i,
+    o: &Out,
+) -> __m512i {
     let x = if LEFT {
         let over = _mm512_cmpgt_epi32_mask(x, _mm512_srav_epi32(_mm512_set1_epi32(i32::MAX), l));
         let under = _mm512_cmpgt_epi32_mask(_mm512_srav_epi32(_mm512_set1_epi32(i32::MIN), l), x);
@@ -55,7 +61,12 @@ unsafe fn requant16<const LEFT: bool>(x: __m512i, m: __m512i, l: __m512i, r: __m
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn requantize_impl<T: Code, const LEFT: bool>(acc: &[i32], m: Multiplier, o: &RequantOutput, out: &mut [T]) {
+unsafe fn requantize_impl<T: Code, const LEFT: bool>(
+    acc: &[i32],
+    m: Multiplier,
+    o: &RequantOutput,
+    out: &mut [T],
+) {
     let oc = out_consts(o);
     let mv = _mm512_set1_epi32(m.multiplier);
     let l = _mm512_set1_epi32(m.shift.max(0));
@@ -65,14 +76,36 @@ unsafe fn requantize_impl<T: Code, const LEFT: bool>(acc: &[i32], m: Multiplier,
     let mut i = 0;
     while i + 64 <= n {
         let a = requant16::<LEFT>(_mm512_loadu_si512(src.add(i) as *const _), mv, l, r, &oc);
-        let b = requant16::<LEFT>(_mm512_loadu_si512(src.add(i + 16) as *const _), mv, l, r, &oc);
-        let c = requant16::<LEFT>(_mm512_loadu_si512(src.add(i + 32) as *const _), mv, l, r, &oc);
-        let d = requant16::<LEFT>(_mm512_loadu_si512(src.add(i + 48) as *const _), mv, l, r, &oc);
+        let b = requant16::<LEFT>(
+            _mm512_loadu_si512(src.add(i + 16) as *const _),
+            mv,
+            l,
+            r,
+            &oc,
+        );
+        let c = requant16::<LEFT>(
+            _mm512_loadu_si512(src.add(i + 32) as *const _),
+            mv,
+            l,
+            r,
+            &oc,
+        );
+        let d = requant16::<LEFT>(
+            _mm512_loadu_si512(src.add(i + 48) as *const _),
+            mv,
+            l,
+            r,
+            &oc,
+        );
         store64(dst.add(i), a, b, c, d);
         i += 64;
     }
     while i < n {
-        let k = if n - i >= 16 { 0xFFFF } else { tail_mask(n - i) };
+        let k = if n - i >= 16 {
+            0xFFFF
+        } else {
+            tail_mask(n - i)
+        };
         let v = _mm512_maskz_loadu_epi32(k, src.add(i));
         store16(dst.add(i), requant16::<LEFT>(v, mv, l, r, &oc), k);
         i += 16;
@@ -105,7 +138,11 @@ unsafe fn per_channel_impl<T: Code, const LEFT: bool>(
         let dst = out.as_mut_ptr().add(row * channels);
         let mut j = 0;
         while j < channels {
-            let k = if channels - j >= 16 { 0xFFFF } else { tail_mask(channels - j) };
+            let k = if channels - j >= 16 {
+                0xFFFF
+            } else {
+                tail_mask(channels - j)
+            };
             let mv = _mm512_maskz_loadu_epi32(k, mp.add(j));
             let l = _mm512_maskz_loadu_epi32(k, lp.add(j));
             let r = _mm512_maskz_loadu_epi32(k, rp.add(j));
@@ -119,7 +156,12 @@ unsafe fn per_channel_impl<T: Code, const LEFT: bool>(
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VL; `acc.len() == out.len()`, a multiple of `m.len()`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub unsafe fn requantize_per_channel<T: Code>(acc: &[i32], m: &ChannelMultipliers, o: &RequantOutput, out: &mut [T]) {
+pub unsafe fn requantize_per_channel<T: Code>(
+    acc: &[i32],
+    m: &ChannelMultipliers,
+    o: &RequantOutput,
+    out: &mut [T],
+) {
     if m.any_left_shift() {
         per_channel_impl::<T, true>(acc, m, o, out)
     } else {

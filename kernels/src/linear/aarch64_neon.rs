@@ -56,7 +56,13 @@ unsafe fn round_clamped(x: float32x4_t, c: &Consts) -> int32x4_t {
 /// Stores 16 in-range i32 lanes (four vectors, in order) as codes of type `T`.
 #[inline]
 #[target_feature(enable = "neon")]
-pub(crate) unsafe fn store16<T: Code>(dst: *mut T, a: int32x4_t, b: int32x4_t, c: int32x4_t, d: int32x4_t) {
+pub(crate) unsafe fn store16<T: Code>(
+    dst: *mut T,
+    a: int32x4_t,
+    b: int32x4_t,
+    c: int32x4_t,
+    d: int32x4_t,
+) {
     // values are inside T's range, so truncating narrows are exact
     let ab = vcombine_s16(vmovn_s32(a), vmovn_s32(b));
     let cd = vcombine_s16(vmovn_s32(c), vmovn_s32(d));
@@ -155,8 +161,14 @@ pub unsafe fn dequantize<T: Code>(q: &[T], p: &QuantParams, out: &mut [f32]) {
     let mut i = 0;
     while i + 8 <= n {
         let (a, b) = load8(src.add(i));
-        vst1q_f32(dst.add(i), vmulq_f32(vcvtq_f32_s32(vsubq_s32(a, c.zp)), c.scale));
-        vst1q_f32(dst.add(i + 4), vmulq_f32(vcvtq_f32_s32(vsubq_s32(b, c.zp)), c.scale));
+        vst1q_f32(
+            dst.add(i),
+            vmulq_f32(vcvtq_f32_s32(vsubq_s32(a, c.zp)), c.scale),
+        );
+        vst1q_f32(
+            dst.add(i + 4),
+            vmulq_f32(vcvtq_f32_s32(vsubq_s32(b, c.zp)), c.scale),
+        );
         i += 8;
     }
     scalar::dequantize(&q[i..], p, &mut out[i..]);
@@ -205,10 +217,22 @@ unsafe fn mix(mut x: uint32x4_t) -> uint32x4_t {
 
 #[inline]
 #[target_feature(enable = "neon")]
-unsafe fn stochastic4(v: float32x4_t, counter: uint32x4_t, key: NoiseKey, c: &Consts, hi_i: int32x4_t) -> int32x4_t {
+unsafe fn stochastic4(
+    v: float32x4_t,
+    counter: uint32x4_t,
+    key: NoiseKey,
+    c: &Consts,
+    hi_i: int32x4_t,
+) -> int32x4_t {
     let h = vmulq_u32(counter, vdupq_n_u32(M_COUNTER));
-    let h = mix(veorq_u32(mix(veorq_u32(h, vdupq_n_u32(key.k0))), vdupq_n_u32(key.k1)));
-    let u = vmulq_f32(vcvtq_f32_u32(vshrq_n_u32::<8>(h)), vdupq_n_f32(1.0 / 16_777_216.0));
+    let h = mix(veorq_u32(
+        mix(veorq_u32(h, vdupq_n_u32(key.k0))),
+        vdupq_n_u32(key.k1),
+    ));
+    let u = vmulq_f32(
+        vcvtq_f32_u32(vshrq_n_u32::<8>(h)),
+        vdupq_n_f32(1.0 / 16_777_216.0),
+    );
     let q = vminq_s32(vcvtmq_s32_f32(vaddq_f32(scaled_clamped(v, c), u)), hi_i);
     vaddq_s32(q, c.zp)
 }
@@ -234,7 +258,13 @@ pub unsafe fn quantize_stochastic<T: Code>(
         let mut q = [vdupq_n_s32(0); 4];
         for (j, qj) in q.iter_mut().enumerate() {
             let base = vdupq_n_u32(offset.wrapping_add((i + 4 * j) as u32));
-            *qj = stochastic4(vld1q_f32(src.add(i + 4 * j)), vaddq_u32(base, iota), key, &c, hi_i);
+            *qj = stochastic4(
+                vld1q_f32(src.add(i + 4 * j)),
+                vaddq_u32(base, iota),
+                key,
+                &c,
+                hi_i,
+            );
         }
         store16(dst.add(i), q[0], q[1], q[2], q[3]);
         i += 16;

@@ -5,13 +5,13 @@
 //! The semantics are defined in [`scalar`]; `x86_avx2`, `x86_avx512` and `aarch64_neon` are
 //! the same functions, name for name, reproducing it bit for bit.
 
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod aarch64_neon;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86_avx512;
-#[cfg(target_arch = "aarch64")]
-pub(crate) mod aarch64_neon;
 
 use crate::code::Code;
 use crate::error::{check_len, KernelError};
@@ -55,7 +55,9 @@ impl QuantParams {
         }
         if !(qmin..=qmax).contains(&zero_point) {
             return Err(KernelError::Range {
-                message: format!("zero_point = {zero_point}: outside the code range [{qmin}, {qmax}]"),
+                message: format!(
+                    "zero_point = {zero_point}: outside the code range [{qmin}, {qmax}]"
+                ),
             });
         }
         Ok(QuantParams {
@@ -69,7 +71,12 @@ impl QuantParams {
     }
 
     /// Parameters whose code range is the full range of `bits`-bit signed or unsigned codes.
-    pub fn with_bits(scale: f32, zero_point: i32, bits: u32, signed: bool) -> Result<Self, KernelError> {
+    pub fn with_bits(
+        scale: f32,
+        zero_point: i32,
+        bits: u32,
+        signed: bool,
+    ) -> Result<Self, KernelError> {
         let (qmin, qmax) = qrange(bits, signed)?;
         QuantParams::new(scale, zero_point, qmin, qmax)
     }
@@ -232,8 +239,12 @@ impl ChannelLayout {
                 message: format!("axis {axis} out of range for shape {shape:?}"),
             });
         }
-        let outer = shape[..axis].iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-        let inner = shape[axis + 1..].iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let outer = shape[..axis]
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d));
+        let inner = shape[axis + 1..]
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d));
         match (outer, inner) {
             (Some(outer), Some(inner)) if outer.checked_mul(shape[axis] * inner).is_some() => {
                 Ok(ChannelLayout {
@@ -294,7 +305,11 @@ impl Kernels {
     }
 
     /// Per-tensor parameters for `x` under `scheme`.
-    pub fn choose_params(&self, x: &[f32], scheme: &LinearScheme) -> Result<QuantParams, KernelError> {
+    pub fn choose_params(
+        &self,
+        x: &[f32],
+        scheme: &LinearScheme,
+    ) -> Result<QuantParams, KernelError> {
         scheme.params_from_range(self.min_max(x))
     }
 
@@ -315,11 +330,19 @@ impl Kernels {
                 });
             }
         }
-        ranges.into_iter().map(|r| scheme.params_from_range(r)).collect()
+        ranges
+            .into_iter()
+            .map(|r| scheme.params_from_range(r))
+            .collect()
     }
 
     /// `out[i] = quantize(x[i])`, round half to even (see [`scalar`]).
-    pub fn quantize<T: Code>(&self, x: &[f32], p: &QuantParams, out: &mut [T]) -> Result<(), KernelError> {
+    pub fn quantize<T: Code>(
+        &self,
+        x: &[f32],
+        p: &QuantParams,
+        out: &mut [T],
+    ) -> Result<(), KernelError> {
         check_len("quantize output", x.len(), out.len())?;
         p.check_code::<T>()?;
         dispatch!(self, quantize::<T>(x, p, out));
@@ -327,14 +350,24 @@ impl Kernels {
     }
 
     /// `out[i] = scale * (q[i] - zero_point)`.
-    pub fn dequantize<T: Code>(&self, q: &[T], p: &QuantParams, out: &mut [f32]) -> Result<(), KernelError> {
+    pub fn dequantize<T: Code>(
+        &self,
+        q: &[T],
+        p: &QuantParams,
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
         check_len("dequantize output", q.len(), out.len())?;
         dispatch!(self, dequantize::<T>(q, p, out));
         Ok(())
     }
 
     /// `out[i] = dequantize(quantize(x[i]))` in one pass.
-    pub fn fake_quantize(&self, x: &[f32], p: &QuantParams, out: &mut [f32]) -> Result<(), KernelError> {
+    pub fn fake_quantize(
+        &self,
+        x: &[f32],
+        p: &QuantParams,
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
         check_len("fake_quantize output", x.len(), out.len())?;
         dispatch!(self, fake_quantize(x, p, out));
         Ok(())

@@ -39,7 +39,10 @@ unsafe fn consts(p: &QuantParams) -> Consts {
 unsafe fn quotient_clamped(x: __m256, c: &Consts) -> __m256 {
     let ordered = _mm256_cmp_ps::<_CMP_ORD_Q>(x, x);
     // maxps returns its second operand for a NaN lane; the mask then zeroes it
-    let x = _mm256_and_ps(_mm256_min_ps(_mm256_max_ps(x, c.neg_limit), c.limit), ordered);
+    let x = _mm256_and_ps(
+        _mm256_min_ps(_mm256_max_ps(x, c.neg_limit), c.limit),
+        ordered,
+    );
     let q0 = _mm256_mul_ps(x, c.inv);
     let residual = _mm256_fnmadd_ps(q0, c.scale, x);
     let q = _mm256_fmadd_ps(residual, c.inv, q0);
@@ -171,7 +174,10 @@ pub unsafe fn dequantize<T: Code>(q: &[T], p: &QuantParams, out: &mut [f32]) {
         let a = _mm256_sub_epi32(load8(src.add(i)), c.zp);
         let b = _mm256_sub_epi32(load8(src.add(i + 8)), c.zp);
         _mm256_storeu_ps(dst.add(i), _mm256_mul_ps(_mm256_cvtepi32_ps(a), c.scale));
-        _mm256_storeu_ps(dst.add(i + 8), _mm256_mul_ps(_mm256_cvtepi32_ps(b), c.scale));
+        _mm256_storeu_ps(
+            dst.add(i + 8),
+            _mm256_mul_ps(_mm256_cvtepi32_ps(b), c.scale),
+        );
         i += 16;
     }
     scalar::dequantize(&q[i..], p, &mut out[i..]);
@@ -186,7 +192,10 @@ unsafe fn fake_quantize_raw(src: *const f32, dst: *mut f32, n: usize, p: &QuantP
         let a = round_clamped(_mm256_loadu_ps(src.add(i)), &c);
         let b = round_clamped(_mm256_loadu_ps(src.add(i + 8)), &c);
         _mm256_storeu_ps(dst.add(i), _mm256_mul_ps(_mm256_cvtepi32_ps(a), c.scale));
-        _mm256_storeu_ps(dst.add(i + 8), _mm256_mul_ps(_mm256_cvtepi32_ps(b), c.scale));
+        _mm256_storeu_ps(
+            dst.add(i + 8),
+            _mm256_mul_ps(_mm256_cvtepi32_ps(b), c.scale),
+        );
         i += 16;
     }
     i
@@ -230,7 +239,10 @@ pub unsafe fn quantize_stochastic<T: Code>(
 ) {
     let c = consts(p);
     let hi_i = _mm256_set1_epi32(p.qmax - p.zero_point);
-    let (k0, k1) = (_mm256_set1_epi32(key.k0 as i32), _mm256_set1_epi32(key.k1 as i32));
+    let (k0, k1) = (
+        _mm256_set1_epi32(key.k0 as i32),
+        _mm256_set1_epi32(key.k1 as i32),
+    );
     let mult = _mm256_set1_epi32(M_COUNTER as i32);
     let unit = _mm256_set1_ps(1.0 / 16_777_216.0);
     let iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -239,12 +251,24 @@ pub unsafe fn quantize_stochastic<T: Code>(
     let mut codes = [0i32; 8];
     let mut i = 0;
     while i + 8 <= n {
-        let counter = _mm256_add_epi32(_mm256_set1_epi32(offset.wrapping_add(i as u32) as i32), iota);
-        let h = mix(_mm256_xor_si256(mix(_mm256_xor_si256(_mm256_mullo_epi32(counter, mult), k0)), k1));
+        let counter = _mm256_add_epi32(
+            _mm256_set1_epi32(offset.wrapping_add(i as u32) as i32),
+            iota,
+        );
+        let h = mix(_mm256_xor_si256(
+            mix(_mm256_xor_si256(_mm256_mullo_epi32(counter, mult), k0)),
+            k1,
+        ));
         let u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32::<8>(h)), unit);
         let v = quotient_clamped(_mm256_loadu_ps(src.add(i)), &c);
-        let q = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_floor_ps(_mm256_add_ps(v, u))), hi_i);
-        _mm256_storeu_si256(codes.as_mut_ptr() as *mut __m256i, _mm256_add_epi32(q, c.zp));
+        let q = _mm256_min_epi32(
+            _mm256_cvtps_epi32(_mm256_floor_ps(_mm256_add_ps(v, u))),
+            hi_i,
+        );
+        _mm256_storeu_si256(
+            codes.as_mut_ptr() as *mut __m256i,
+            _mm256_add_epi32(q, c.zp),
+        );
         for (o, &q) in out[i..i + 8].iter_mut().zip(&codes) {
             *o = T::from_i32(q);
         }

@@ -159,7 +159,11 @@ pub unsafe fn quantize<T: Code>(x: &[f32], p: &QuantParams, out: &mut [T]) {
         i += 64;
     }
     while i < n {
-        let k = if n - i >= 16 { 0xFFFF } else { tail_mask(n - i) };
+        let k = if n - i >= 16 {
+            0xFFFF
+        } else {
+            tail_mask(n - i)
+        };
         let v = _mm512_maskz_loadu_ps(k, src.add(i));
         store16(dst.add(i), _mm512_add_epi32(round_clamped(v, &c), c.zp), k);
         i += 16;
@@ -184,7 +188,11 @@ pub unsafe fn dequantize<T: Code>(q: &[T], p: &QuantParams, out: &mut [f32]) {
         i += 32;
     }
     while i < n {
-        let k = if n - i >= 16 { 0xFFFF } else { tail_mask(n - i) };
+        let k = if n - i >= 16 {
+            0xFFFF
+        } else {
+            tail_mask(n - i)
+        };
         let v = load16(src.add(i), k);
         let f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(v, c.zp)), c.scale);
         _mm512_mask_storeu_ps(dst.add(i), k, f);
@@ -201,11 +209,18 @@ unsafe fn fake_quantize_raw(src: *const f32, dst: *mut f32, n: usize, p: &QuantP
         let a = round_clamped(_mm512_loadu_ps(src.add(i)), &c);
         let b = round_clamped(_mm512_loadu_ps(src.add(i + 16)), &c);
         _mm512_storeu_ps(dst.add(i), _mm512_mul_ps(_mm512_cvtepi32_ps(a), c.scale));
-        _mm512_storeu_ps(dst.add(i + 16), _mm512_mul_ps(_mm512_cvtepi32_ps(b), c.scale));
+        _mm512_storeu_ps(
+            dst.add(i + 16),
+            _mm512_mul_ps(_mm512_cvtepi32_ps(b), c.scale),
+        );
         i += 32;
     }
     while i < n {
-        let k = if n - i >= 16 { 0xFFFF } else { tail_mask(n - i) };
+        let k = if n - i >= 16 {
+            0xFFFF
+        } else {
+            tail_mask(n - i)
+        };
         let v = round_clamped(_mm512_maskz_loadu_ps(k, src.add(i)), &c);
         _mm512_mask_storeu_ps(dst.add(i), k, _mm512_mul_ps(_mm512_cvtepi32_ps(v), c.scale));
         i += 16;
@@ -248,7 +263,10 @@ pub unsafe fn quantize_stochastic<T: Code>(
 ) {
     let c = consts(p);
     let hi_i = _mm512_set1_epi32(p.qmax - p.zero_point);
-    let (k0, k1) = (_mm512_set1_epi32(key.k0 as i32), _mm512_set1_epi32(key.k1 as i32));
+    let (k0, k1) = (
+        _mm512_set1_epi32(key.k0 as i32),
+        _mm512_set1_epi32(key.k1 as i32),
+    );
     let mult = _mm512_set1_epi32(M_COUNTER as i32);
     let unit = _mm512_set1_ps(1.0 / 16_777_216.0);
     let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -256,9 +274,19 @@ pub unsafe fn quantize_stochastic<T: Code>(
     let (src, dst) = (x.as_ptr(), out.as_mut_ptr());
     let mut i = 0;
     while i < n {
-        let k = if n - i >= 16 { 0xFFFF } else { tail_mask(n - i) };
-        let counter = _mm512_add_epi32(_mm512_set1_epi32(offset.wrapping_add(i as u32) as i32), iota);
-        let h = mix(_mm512_xor_si512(mix(_mm512_xor_si512(_mm512_mullo_epi32(counter, mult), k0)), k1));
+        let k = if n - i >= 16 {
+            0xFFFF
+        } else {
+            tail_mask(n - i)
+        };
+        let counter = _mm512_add_epi32(
+            _mm512_set1_epi32(offset.wrapping_add(i as u32) as i32),
+            iota,
+        );
+        let h = mix(_mm512_xor_si512(
+            mix(_mm512_xor_si512(_mm512_mullo_epi32(counter, mult), k0)),
+            k1,
+        ));
         let u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32::<8>(h)), unit);
         let v = quotient_clamped(_mm512_maskz_loadu_ps(k, src.add(i)), &c);
         let q = _mm512_min_epi32(_mm512_cvt_roundps_epi32::<FLOOR>(_mm512_add_ps(v, u)), hi_i);

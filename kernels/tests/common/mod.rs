@@ -40,7 +40,16 @@ pub fn data(rng: &mut Rng, n: usize, mag: f32, scale: f32, specials: bool) -> Ve
     (0..n)
         .map(|_| match rng.below(16) {
             0 => (rng.range_i32(-300, 300) as f32 + 0.5) * scale,
-            1 if specials => [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1e-40, f32::MAX, f32::MIN][rng.below(8) as usize],
+            1 if specials => [
+                f32::NAN,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                0.0,
+                -0.0,
+                1e-40,
+                f32::MAX,
+                f32::MIN,
+            ][rng.below(8) as usize],
             _ => rng.normalish(mag),
         })
         .collect()
@@ -59,7 +68,10 @@ pub fn lengths() -> Vec<usize> {
 /// Every ISA this machine can run, scalar first; prints them once so the log shows coverage.
 pub fn isas() -> Vec<Isa> {
     let v = Isa::available();
-    eprintln!("testing ISAs: {:?}", v.iter().map(|i| i.name()).collect::<Vec<_>>());
+    eprintln!(
+        "testing ISAs: {:?}",
+        v.iter().map(|i| i.name()).collect::<Vec<_>>()
+    );
     v
 }
 

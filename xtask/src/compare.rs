@@ -1,0 +1,264 @@
+//! `cargo xtask compare quantize`: quantbench's quantize/dequantize kernels against ONNX
+//! Runtime and numpy, in one run, on the same data and parameters, one thread each.
+//!
+//! Data: n float32 values ~ N(0, 1.5^2) from a seeded generator, written once as .npy and
+//! read by both sides. Parameters: int8, scale 8/255, zero point -3; per channel, [64, n/64]
+//! along axis 0 with channel c scaled by (1 + c/64). The peers run in a virtual environment
+//! under target/ (created with pip when missing). ONNX Runtime's quantize output is also
+//! compared with ours code for code.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::{json, Value};
+
+const KERNELS: [&str; 4] = [
+    "quantize",
+    "dequantize",
+    "quantize_per_channel",
+    "dequantize_per_channel",
+];
+const DEFAULT_SIZES: [usize; 4] = [65_539, 262_144, 16 << 20, 64 << 20];
+const SCALE: f32 = 8.0 / 255.0;
+const ZERO_POINT: i32 = -3;
+const CHANNELS: usize = 64;
+const SEED: u64 = 20_261_126;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The peers' Python: target/peers-venv with onnxruntime, onnx and numpy, made on first use.
+fn peer_python(root: &Path) -> Result<PathBuf, String> {
+    let venv = root.join("target/peers-venv");
+    let python = venv.join("bin/python");
+    let ready = python.exists()
+        && Command::new(&python)
+            .args(["-c", "import onnxruntime, onnx, numpy"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+    if !ready {
+        eprintln!(
+            "[compare] creating {} and installing onnxruntime, onnx, numpy with pip",
+            venv.display()
+        );
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        run(Command::new(&python).args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "onnxruntime",
+            "onnx",
+            "numpy",
+        ]))?;
+    }
+    Ok(python)
+}
+
+/// Seeded N(0, 1.5^2) data (SplitMix64 + Box-Muller).
+fn data(n: usize) -> Vec<f32> {
+    let mut s = SEED;
+    let mut next = || {
+        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    (0..n)
+        .map(|_| {
+            let (u, v) = (next().max(1e-300), next());
+            ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos() * 1.5) as f32
+        })
+        .collect()
+}
+
+fn utc_stamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // civil-from-days (proleptic Gregorian)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + (m <= 2) as i64;
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+pub fn main(args: &[String]) -> Result<(), String> {
+    if args.first().map(String::as_str) != Some("quantize") {
+        return Err("usage: cargo xtask compare quantize [--sizes N,N,...] [--out DIR]".into());
+    }
+    let mut sizes = DEFAULT_SIZES.to_vec();
+    let root = root();
+    let mut out_dir = root.join("results/compare");
+    let mut it = args[1..].iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--sizes" => {
+                let v = it.next().ok_or("--sizes needs a value")?;
+                sizes = v
+                    .split(',')
+                    .map(|s| {
+                        s.trim()
+                            .parse::<usize>()
+                            .map_err(|_| format!("--sizes: '{s}' is not a size"))
+                    })
+                    .collect::<Result<_, _>>()?;
+                if let Some(bad) = sizes.iter().find(|&&n| n < CHANNELS) {
+                    return Err(format!(
+                        "--sizes: {bad} is smaller than the {CHANNELS} channels"
+                    ));
+                }
+            }
+            "--out" => out_dir = PathBuf::from(it.next().ok_or("--out needs a value")?),
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    let python = peer_python(&root)?;
+    eprintln!("[compare] building quantbench (release)");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(&cargo).current_dir(&root).args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "quantbench",
+    ]))?;
+    let quantbench = root.join("target/release/quantbench");
+    let work = root.join("target/compare");
+    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+
+    let mut records = Vec::new();
+    println!(
+        "{:<24} {:>10} {:>7} {:>10}  {:<20} {:>10} {:>7}  codes",
+        "kernel", "n", "isa", "ours GB/s", "peer", "peer GB/s", "ratio"
+    );
+    for &n in &sizes {
+        let n = n - n % CHANNELS;
+        let npy = work.join(format!("x_{n}.npy"));
+        quantbench::npy::write_f32(&npy, &[n], &data(n))?;
+        let reps = (200_000_000 / n).clamp(5, 300).to_string();
+        for kernel in KERNELS {
+            eprintln!("[compare] {kernel} n={n}");
+            let codes = work.join(format!("ort_codes_{kernel}_{n}.bin"));
+            let common = |c: &mut Command| {
+                c.arg("--kernel")
+                    .arg(kernel)
+                    .arg("--npy")
+                    .arg(&npy)
+                    .args([
+                        "--scale",
+                        &SCALE.to_string(),
+                        "--zero-point",
+                        &ZERO_POINT.to_string(),
+                    ])
+                    .args(["--channels", &CHANNELS.to_string(), "--reps", &reps]);
+            };
+            let mut py = Command::new(&python);
+            py.arg(root.join("xtask/peers/compare_quantize.py"))
+                .arg("--codes-out")
+                .arg(&codes);
+            common(&mut py);
+            let peers: Vec<Value> = run(&mut py)?
+                .lines()
+                .map(|l| serde_json::from_str(l).map_err(|e| format!("peer output {l:?}: {e}")))
+                .collect::<Result<_, _>>()?;
+            let mut ours = Command::new(&quantbench);
+            ours.arg("bench-kernel").arg("--check-codes").arg(&codes);
+            common(&mut ours);
+            let ours: Value = serde_json::from_str(run(&mut ours)?.trim())
+                .map_err(|e| format!("quantbench output: {e}"))?;
+            let mismatches = ours.get("code_mismatches").and_then(Value::as_u64);
+            if let Some(m) = mismatches.filter(|&m| m > 0) {
+                return Err(format!(
+                    "{kernel} n={n}: {m} codes differ from ONNX Runtime's"
+                ));
+            }
+            for p in peers {
+                let (og, pg) = (ours["gbps"].as_f64().unwrap(), p["gbps"].as_f64().unwrap());
+                let rec = json!({
+                    "kernel": kernel, "n": n, "threads": 1, "isa": ours["isa"],
+                    "ours_gbps": og, "peer": p["peer"], "peer_gbps": pg, "ratio": og / pg,
+                });
+                println!(
+                    "{:<24} {:>10} {:>7} {:>10.2}  {:<20} {:>10.2} {:>7.2}  {}",
+                    kernel,
+                    n,
+                    ours["isa"].as_str().unwrap_or("?"),
+                    og,
+                    p["peer"].as_str().unwrap_or("?"),
+                    pg,
+                    og / pg,
+                    match mismatches {
+                        Some(0) => "identical to ORT",
+                        _ => "-",
+                    }
+                );
+                records.push(rec);
+            }
+        }
+    }
+    let stamp = utc_stamp();
+    let sha = run(Command::new("git")
+        .current_dir(&root)
+        .args(["rev-parse", "--short", "HEAD"]))
+    .unwrap_or_default();
+    let path = out_dir.join(format!("quantize-{stamp}.jsonl"));
+    let body: String = records.iter().map(|r| format!("{r}\n")).collect();
+    let meta = json!({
+        "task": "compare quantize", "utc": stamp, "git": sha.trim(), "cpu": cpu_model(),
+        "data": format!("N(0, 1.5^2), seed {SEED}"), "scale": SCALE, "zero_point": ZERO_POINT, "channels": CHANNELS,
+    });
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, body).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::write(path.with_extension("meta.json"), format!("{meta:#}\n"))
+        .map_err(|e| e.to_string())?;
+    println!("\nwrote {}", path.display());
+    Ok(())
+}
