@@ -86,6 +86,7 @@ pub fn time_kernel(
     let seconds = match kernel {
         "quantize" => median_seconds(reps, || k.quantize(x, &p, &mut q).unwrap()),
         "dequantize" => median_seconds(reps, || k.dequantize(&q, &p, &mut out).unwrap()),
+        "copy" => median_seconds(reps, || out.copy_from_slice(std::hint::black_box(x))),
         "quantize_per_channel" => {
             let l = layout.unwrap();
             median_seconds(reps, || k.quantize_per_channel(x, &l, &cp, &mut q).unwrap())

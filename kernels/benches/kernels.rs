@@ -1,5 +1,5 @@
 //! Criterion benchmarks of every dispatched kernel on every ISA this machine has.
-//! Ids are `{kernel}/{isa}/{n}`; throughput is set in f32 (or i32) elements' bytes, so
+//! Ids are `{kernel}/{isa}/{n}`; throughput is the bytes of the f32 (or i32) side, so
 //! criterion reports GB/s of the wide side of each kernel.
 //!
 //! `cargo bench -p quantbench-kernels` runs them all; filter with a substring, e.g.
@@ -27,6 +27,13 @@ fn data(n: usize) -> Vec<f32> {
         .collect()
 }
 
+struct Inputs {
+    x: Vec<f32>,
+    acc: Vec<i32>,
+    q: Vec<i8>,
+    f: Vec<f32>,
+}
+
 fn benches(c: &mut Criterion) {
     let isas = Isa::available();
     eprintln!("benchmarking ISAs: {isas:?} (best: {})", Isa::best());
@@ -41,66 +48,97 @@ fn benches(c: &mut Criterion) {
             .map(|c| quantize_multiplier(0.01 + c as f64 * 1e-4).unwrap())
             .collect::<Vec<_>>(),
     );
-    for &n in &SIZES {
-        let x = data(n);
-        let acc: Vec<i32> = x.iter().map(|v| (v * 5000.0) as i32).collect();
-        let mut q = vec![0i8; n];
-        let mut f = vec![0f32; n];
-        let rows = n / CHANNELS;
-        let layout = ChannelLayout::new(&[CHANNELS, rows], 0).unwrap();
-        let xc = &x[..rows * CHANNELS];
-        for &isa in &isas {
-            let k = Kernels::new(isa).unwrap();
-            let id = |name: &str| BenchmarkId::new(format!("{name}/{}", isa.name()), n);
-            let mut g = c.benchmark_group("kernels");
-            g.sample_size(20)
-                .warm_up_time(Duration::from_millis(300))
-                .measurement_time(Duration::from_millis(1200));
-            g.throughput(Throughput::Bytes(4 * n as u64));
-            g.bench_function(id("quantize_f32_i8"), |b| {
-                b.iter(|| k.quantize(black_box(&x), &p, &mut q).unwrap())
-            });
-            g.bench_function(id("dequantize_i8_f32"), |b| {
-                b.iter(|| k.dequantize(black_box(&q), &p, &mut f).unwrap())
-            });
-            g.bench_function(id("fake_quantize_f32"), |b| {
-                b.iter(|| k.fake_quantize(black_box(&x), &p, &mut f).unwrap())
-            });
-            g.bench_function(id("quantize_stochastic_f32_i8"), |b| {
-                b.iter(|| {
-                    k.quantize_stochastic(black_box(&x), &p, NoiseKey::from_seed(1), 0, &mut q)
-                        .unwrap()
-                })
-            });
-            g.bench_function(id("min_max_f32"), |b| b.iter(|| k.min_max(black_box(&x))));
-            g.bench_function(id("requantize_i32_i8"), |b| {
-                b.iter(|| k.requantize(black_box(&acc), m, &out, &mut q).unwrap())
-            });
-            g.throughput(Throughput::Bytes(4 * (rows * CHANNELS) as u64));
-            g.bench_function(id("quantize_per_channel_f32_i8"), |b| {
-                b.iter(|| {
-                    k.quantize_per_channel(
-                        black_box(xc),
-                        &layout,
-                        &cparams,
-                        &mut q[..rows * CHANNELS],
-                    )
+    let mut inputs: Vec<Inputs> = SIZES
+        .iter()
+        .map(|&n| {
+            let x = data(n);
+            let acc = x.iter().map(|v| (v * 5000.0) as i32).collect();
+            Inputs {
+                x,
+                acc,
+                q: vec![0i8; n],
+                f: vec![0f32; n],
+            }
+        })
+        .collect();
+
+    type Kernel<'a> = Box<dyn Fn(&Kernels, &mut Inputs) + 'a>;
+    let kernels: Vec<(&str, bool, Kernel)> = vec![
+        (
+            "quantize_f32_i8",
+            false,
+            Box::new(|k, d| k.quantize(black_box(&d.x), &p, &mut d.q).unwrap()),
+        ),
+        (
+            "dequantize_i8_f32",
+            false,
+            Box::new(|k, d| k.dequantize(black_box(&d.q), &p, &mut d.f).unwrap()),
+        ),
+        (
+            "fake_quantize_f32",
+            false,
+            Box::new(|k, d| k.fake_quantize(black_box(&d.x), &p, &mut d.f).unwrap()),
+        ),
+        (
+            "quantize_stochastic_f32_i8",
+            false,
+            Box::new(|k, d| {
+                k.quantize_stochastic(black_box(&d.x), &p, NoiseKey::from_seed(1), 0, &mut d.q)
                     .unwrap()
-                })
-            });
-            g.bench_function(id("requantize_per_channel_i32_i8"), |b| {
-                b.iter(|| {
-                    k.requantize_per_channel(
-                        black_box(&acc[..rows * CHANNELS]),
-                        &cm,
-                        &out,
-                        &mut q[..rows * CHANNELS],
-                    )
+            }),
+        ),
+        (
+            "min_max_f32",
+            false,
+            Box::new(|k, d| {
+                black_box(k.min_max(black_box(&d.x)));
+            }),
+        ),
+        (
+            "requantize_i32_i8",
+            false,
+            Box::new(|k, d| k.requantize(black_box(&d.acc), m, &out, &mut d.q).unwrap()),
+        ),
+        (
+            "quantize_per_channel_f32_i8",
+            true,
+            Box::new(|k, d| {
+                let n = d.x.len() / CHANNELS * CHANNELS;
+                let layout = ChannelLayout::new(&[CHANNELS, n / CHANNELS], 0).unwrap();
+                k.quantize_per_channel(black_box(&d.x[..n]), &layout, &cparams, &mut d.q[..n])
                     .unwrap()
-                })
-            });
-            g.finish();
+            }),
+        ),
+        (
+            "requantize_per_channel_i32_i8",
+            true,
+            Box::new(|k, d| {
+                let n = d.acc.len() / CHANNELS * CHANNELS;
+                k.requantize_per_channel(black_box(&d.acc[..n]), &cm, &out, &mut d.q[..n])
+                    .unwrap()
+            }),
+        ),
+    ];
+
+    for (name, per_channel, run) in &kernels {
+        let mut g = c.benchmark_group(*name);
+        g.sample_size(20)
+            .warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_millis(1200));
+        for d in inputs.iter_mut() {
+            let n = d.x.len();
+            let elements = if *per_channel {
+                n / CHANNELS * CHANNELS
+            } else {
+                n
+            };
+            g.throughput(Throughput::Bytes(4 * elements as u64));
+            for &isa in &isas {
+                let k = Kernels::new(isa).unwrap();
+                g.bench_function(BenchmarkId::new(isa.name(), n), |b| b.iter(|| run(&k, d)));
+            }
         }
+        g.finish();
     }
 }
 

@@ -102,6 +102,28 @@ fn quantize_family_u16_matches_scalar() {
     check_type::<u16>(4);
 }
 
+/// Sizes past every size-dependent branch of the SIMD paths (the 256-bit dequantize loop of
+/// the AVX-512 path from 4M elements on).
+#[test]
+fn large_arrays_match_scalar() {
+    let mut rng = Rng::new(6);
+    let n = (1 << 22) + 37;
+    let p = QuantParams::with_bits(0.02, -7, 8, true).unwrap();
+    let x = data(&mut rng, n, 3.0, p.scale(), true);
+    let scalar = Kernels::scalar();
+    let (mut want, mut fw) = (vec![0i8; n], vec![0f32; n]);
+    scalar.quantize(&x, &p, &mut want).unwrap();
+    scalar.dequantize(&want, &p, &mut fw).unwrap();
+    for isa in isas() {
+        let k = Kernels::new(isa).unwrap();
+        let (mut got, mut fg) = (vec![0i8; n], vec![0f32; n]);
+        k.quantize(&x, &p, &mut got).unwrap();
+        assert!(want == got, "quantize {isa} n={n}");
+        k.dequantize(&want, &p, &mut fg).unwrap();
+        assert!(bits_eq(&fw, &fg), "dequantize {isa} n={n}");
+    }
+}
+
 #[test]
 fn per_channel_matches_per_tensor_on_every_axis() {
     let mut rng = Rng::new(5);

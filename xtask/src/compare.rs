@@ -185,6 +185,19 @@ pub fn main(args: &[String]) -> Result<(), String> {
         let reps = (200_000_000 / n).clamp(5, 300).to_string();
         for kernel in KERNELS {
             eprintln!("[compare] {kernel} n={n}");
+            if kernel == "quantize" {
+                // the memory-bandwidth reference: copying the same f32 array
+                let mut copy = Command::new(&quantbench);
+                copy.args(["bench-kernel", "--kernel", "copy", "--npy"])
+                    .arg(&npy)
+                    .args(["--scale", "1", "--zero-point", "0", "--reps", &reps]);
+                let rec: Value = serde_json::from_str(run(&mut copy)?.trim())
+                    .map_err(|e| format!("quantbench output: {e}"))?;
+                println!("{:<24} {:>10} {:>7} {:>10.2}  (f32 -> f32 copy: this machine's bandwidth reference)", "copy", n, "-", rec["gbps"].as_f64().unwrap_or(0.0));
+                records.push(
+                    json!({"kernel": "copy", "n": n, "threads": 1, "ours_gbps": rec["gbps"]}),
+                );
+            }
             let codes = work.join(format!("ort_codes_{kernel}_{n}.bin"));
             let common = |c: &mut Command| {
                 c.arg("--kernel")

@@ -7,6 +7,9 @@ use super::{scalar, QuantParams};
 use crate::code::{Code, CodeKind};
 use crate::rng::{self, NoiseKey, M1, M2, M_COUNTER};
 
+/// Elements to prefetch ahead in the quantize loop (as in the AVX-512 path).
+const PREFETCH: usize = 1024;
+
 struct Consts {
     inv: __m256,
     scale: __m256,
@@ -14,6 +17,8 @@ struct Consts {
     neg_limit: __m256,
     lo: __m256,
     hi: __m256,
+    lo_i: __m256i,
+    hi_i: __m256i,
     zp: __m256i,
 }
 
@@ -27,16 +32,18 @@ unsafe fn consts(p: &QuantParams) -> Consts {
         neg_limit: _mm256_set1_ps(-p.limit),
         lo: _mm256_set1_ps((p.qmin - p.zero_point) as f32),
         hi: _mm256_set1_ps((p.qmax - p.zero_point) as f32),
+        lo_i: _mm256_set1_epi32(p.qmin - p.zero_point),
+        hi_i: _mm256_set1_epi32(p.qmax - p.zero_point),
         zp: _mm256_set1_epi32(p.zero_point),
     }
 }
 
-/// `clamp(fl32(x / scale), lo, hi)`, NaN lanes 0: inputs are first clamped to +-limit
-/// (beyond it every code saturates), then the reciprocal product gets one Markstein
+/// `fl32(x / scale)` for |x| <= limit (beyond it every code saturates, so inputs are first
+/// clamped to +-limit); NaN lanes give 0. The reciprocal product gets one Markstein
 /// correction, which makes it the correctly rounded quotient.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn quotient_clamped(x: __m256, c: &Consts) -> __m256 {
+unsafe fn quotient(x: __m256, c: &Consts) -> __m256 {
     let ordered = _mm256_cmp_ps::<_CMP_ORD_Q>(x, x);
     // maxps returns its second operand for a NaN lane; the mask then zeroes it
     let x = _mm256_and_ps(
@@ -45,16 +52,23 @@ unsafe fn quotient_clamped(x: __m256, c: &Consts) -> __m256 {
     );
     let q0 = _mm256_mul_ps(x, c.inv);
     let residual = _mm256_fnmadd_ps(q0, c.scale, x);
-    let q = _mm256_fmadd_ps(residual, c.inv, q0);
-    _mm256_min_ps(_mm256_max_ps(q, c.lo), c.hi)
+    _mm256_fmadd_ps(residual, c.inv, q0)
 }
 
-/// `rne(clamp(x / scale, lo, hi))` without the zero point; NaN lanes give 0.
+/// `rne(x / scale)` as i32, not yet clamped to the code range (|value| <= 2^17).
 /// `cvtps2dq` rounds with MXCSR, which Rust leaves at round-to-nearest-even.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
+unsafe fn rounded(x: __m256, c: &Consts) -> __m256i {
+    _mm256_cvtps_epi32(quotient(x, c))
+}
+
+/// `rne(clamp(x / scale, lo, hi))` without the zero point (clamped on integers; equal
+/// because the bounds are integers).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn round_clamped(x: __m256, c: &Consts) -> __m256i {
-    _mm256_cvtps_epi32(quotient_clamped(x, c))
+    _mm256_min_epi32(_mm256_max_epi32(rounded(x, c), c.lo_i), c.hi_i)
 }
 
 /// Stores 32 in-range i32 lanes (four vectors, in order) as codes of type `T`.
@@ -151,6 +165,35 @@ pub unsafe fn quantize<T: Code>(x: &[f32], p: &QuantParams, out: &mut [T]) {
     let n = x.len();
     let (src, dst) = (x.as_ptr(), out.as_mut_ptr());
     let mut i = 0;
+    let full_8bit =
+        matches!(T::KIND, CodeKind::I8 | CodeKind::U8) && p.qmin == T::MIN && p.qmax == T::MAX;
+    if full_8bit {
+        // The code range is the whole type: saturating packs clamp for free (see the AVX-512
+        // path for why the result is clamp(v + zero_point, qmin, qmax)).
+        let zp16 = _mm256_set1_epi16(p.zero_point as i16);
+        let idx = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        while i + 32 <= n {
+            let pf = src.wrapping_add(i + PREFETCH) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(pf);
+            _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64));
+            let a = rounded(_mm256_loadu_ps(src.add(i)), &c);
+            let b = rounded(_mm256_loadu_ps(src.add(i + 8)), &c);
+            let cc = rounded(_mm256_loadu_ps(src.add(i + 16)), &c);
+            let d = rounded(_mm256_loadu_ps(src.add(i + 24)), &c);
+            let ab = _mm256_adds_epi16(_mm256_packs_epi32(a, b), zp16);
+            let cd = _mm256_adds_epi16(_mm256_packs_epi32(cc, d), zp16);
+            let r = if T::KIND == CodeKind::I8 {
+                _mm256_packs_epi16(ab, cd)
+            } else {
+                _mm256_packus_epi16(ab, cd)
+            };
+            _mm256_storeu_si256(
+                dst.add(i) as *mut __m256i,
+                _mm256_permutevar8x32_epi32(r, idx),
+            );
+            i += 32;
+        }
+    }
     while i + 32 <= n {
         let a = _mm256_add_epi32(round_clamped(_mm256_loadu_ps(src.add(i)), &c), c.zp);
         let b = _mm256_add_epi32(round_clamped(_mm256_loadu_ps(src.add(i + 8)), &c), c.zp);
@@ -260,7 +303,8 @@ pub unsafe fn quantize_stochastic<T: Code>(
             k1,
         ));
         let u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32::<8>(h)), unit);
-        let v = quotient_clamped(_mm256_loadu_ps(src.add(i)), &c);
+        let v = quotient(_mm256_loadu_ps(src.add(i)), &c);
+        let v = _mm256_min_ps(_mm256_max_ps(v, c.lo), c.hi);
         let q = _mm256_min_epi32(
             _mm256_cvtps_epi32(_mm256_floor_ps(_mm256_add_ps(v, u))),
             hi_i,
