@@ -122,6 +122,24 @@ fn large_arrays_match_scalar() {
         k.dequantize(&want, &p, &mut fg).unwrap();
         assert!(bits_eq(&fw, &fg), "dequantize {isa} n={n}");
     }
+    // per channel, with runs shorter than the whole tensor
+    let layout = ChannelLayout::new(&[4, n / 4], 0).unwrap();
+    let m = layout.len();
+    let params: Vec<QuantParams> = (0..4)
+        .map(|c| QuantParams::with_bits(0.01 * (c + 1) as f32, c - 2, 8, true).unwrap())
+        .collect();
+    let mut fw = vec![0f32; m];
+    scalar
+        .dequantize_per_channel(&want[..m], &layout, &params, &mut fw)
+        .unwrap();
+    for isa in isas() {
+        let mut fg = vec![0f32; m];
+        Kernels::new(isa)
+            .unwrap()
+            .dequantize_per_channel(&want[..m], &layout, &params, &mut fg)
+            .unwrap();
+        assert!(bits_eq(&fw, &fg), "dequantize_per_channel {isa} n={m}");
+    }
 }
 
 #[test]

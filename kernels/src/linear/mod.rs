@@ -423,10 +423,7 @@ impl Kernels {
         out: &mut [f32],
     ) -> Result<(), KernelError> {
         check_per_channel(layout, params, q.len(), out.len())?;
-        for (s, c) in layout.runs() {
-            let e = s + layout.inner;
-            dispatch!(self, dequantize::<T>(&q[s..e], &params[c], &mut out[s..e]));
-        }
+        dispatch!(self, dequantize_per_channel::<T>(q, layout, params, out));
         Ok(())
     }
 
@@ -444,6 +441,22 @@ impl Kernels {
             dispatch!(self, fake_quantize(&x[s..e], &params[c], &mut out[s..e]));
         }
         Ok(())
+    }
+}
+
+/// Calls `f(run_input, params, run_output)` for every run of one channel (shared by the
+/// per-channel entry points of every ISA module).
+#[inline]
+pub(crate) fn for_each_run<A, B>(
+    layout: &ChannelLayout,
+    params: &[QuantParams],
+    input: &[A],
+    out: &mut [B],
+    mut f: impl FnMut(&[A], &QuantParams, &mut [B]),
+) {
+    for (s, c) in layout.runs() {
+        let e = s + layout.inner;
+        f(&input[s..e], &params[c], &mut out[s..e]);
     }
 }
 

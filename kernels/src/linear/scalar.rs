@@ -110,3 +110,13 @@ pub fn quantize_stochastic<T: Code>(
         *o = T::from_i32(quantize_stochastic_one(v, u, p));
     }
 }
+
+/// Per-channel dequantize: each run of `layout` with its channel's parameters.
+pub fn dequantize_per_channel<T: Code>(
+    q: &[T],
+    layout: &super::ChannelLayout,
+    params: &[QuantParams],
+    out: &mut [f32],
+) {
+    super::for_each_run(layout, params, q, out, |q, p, o| dequantize(q, p, o));
+}

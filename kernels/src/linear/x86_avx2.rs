@@ -323,3 +323,19 @@ pub unsafe fn quantize_stochastic<T: Code>(
         out[j] = T::from_i32(scalar::quantize_stochastic_one(x[j], u, p));
     }
 }
+
+/// Per-channel dequantize: each run of `layout` with its channel's parameters.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; lengths checked by the caller.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dequantize_per_channel<T: Code>(
+    q: &[T],
+    layout: &super::ChannelLayout,
+    params: &[QuantParams],
+    out: &mut [f32],
+) {
+    super::for_each_run(layout, params, q, out, |q, p, o| unsafe {
+        dequantize(q, p, o)
+    });
+}

@@ -237,16 +237,41 @@ pub unsafe fn quantize<T: Code>(x: &[f32], p: &QuantParams, out: &mut [T]) {
 /// The CPU must support AVX-512 F/BW/VL; `out.len() == q.len()`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub unsafe fn dequantize<T: Code>(q: &[T], p: &QuantParams, out: &mut [f32]) {
-    let c = consts(p);
-    let n = q.len();
-    let (src, dst) = (q.as_ptr(), out.as_mut_ptr());
-    let deq = |v: __m512i| _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(v, c.zp)), c.scale);
-    if n >= WIDE_DEQUANT_MAX {
+    if q.len() >= WIDE_DEQUANT_MAX {
         // Measured (cargo xtask compare quantize, Cascade Lake VM): from 16M elements on, the
         // 256-bit loop streams faster than the 512-bit one (7.8 vs 6.5 GB/s at 64M), which
         // costs the core its AVX-512 clock licence while memory sets the pace anyway.
         return super::x86_avx2::dequantize(q, p, out);
     }
+    dequantize_512(q, p, out)
+}
+
+/// Per-channel dequantize; the 256-bit/512-bit choice is made on the whole tensor's size.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL; lengths checked by the caller.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn dequantize_per_channel<T: Code>(
+    q: &[T],
+    layout: &super::ChannelLayout,
+    params: &[QuantParams],
+    out: &mut [f32],
+) {
+    if q.len() >= WIDE_DEQUANT_MAX {
+        super::x86_avx2::dequantize_per_channel(q, layout, params, out)
+    } else {
+        super::for_each_run(layout, params, q, out, |q, p, o| unsafe {
+            dequantize_512(q, p, o)
+        });
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn dequantize_512<T: Code>(q: &[T], p: &QuantParams, out: &mut [f32]) {
+    let c = consts(p);
+    let n = q.len();
+    let (src, dst) = (q.as_ptr(), out.as_mut_ptr());
+    let deq = |v: __m512i| _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(v, c.zp)), c.scale);
     let mut i = 0;
     while i + 32 <= n {
         _mm512_storeu_ps(dst.add(i), deq(load16_full(src.add(i))));
