@@ -185,6 +185,12 @@ impl LinearScheme {
     /// * Symmetric: `m = max(|lo|, hi)`, `zero_point = 0` (signed) or `2^(bits-1)` (unsigned),
     ///   `scale = m / (2^(bits-1) - 1)`, so the codes used are `zero_point +- (2^(bits-1) - 1)`.
     ///
+    /// Corrections to the seed's Python, which referenced an undefined `dtype` and rounded the
+    /// zero point before clamping it: here the code range comes from `bits` and `signed`
+    /// ([`qrange`]), and the zero point is clamped to it first, then rounded half to even (for
+    /// integer bounds both orders give the same integer; clamping first keeps the value
+    /// finite before any conversion).
+    ///
     /// Degenerate input never yields NaN, inf or a division by zero: an all-zero (or empty,
     /// or all-NaN) tensor gets `scale = 1`; any scale is finally clamped to
     /// [`MIN_SCALE`, `MAX_SCALE`] (data beyond `MAX_SCALE * 2^bits` saturates).

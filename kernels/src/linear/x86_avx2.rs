@@ -290,12 +290,10 @@ pub unsafe fn quantize_stochastic<T: Code>(
     let unit = _mm256_set1_ps(1.0 / 16_777_216.0);
     let iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     let n = x.len();
-    let src = x.as_ptr();
-    let mut codes = [0i32; 8];
-    let mut i = 0;
-    while i + 8 <= n {
+    let (src, dst) = (x.as_ptr(), out.as_mut_ptr());
+    let codes8 = |j: usize| {
         let counter = _mm256_add_epi32(
-            _mm256_set1_epi32(offset.wrapping_add(i as u32) as i32),
+            _mm256_set1_epi32(offset.wrapping_add(j as u32) as i32),
             iota,
         );
         let h = mix(_mm256_xor_si256(
@@ -303,20 +301,24 @@ pub unsafe fn quantize_stochastic<T: Code>(
             k1,
         ));
         let u = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32::<8>(h)), unit);
-        let v = quotient(_mm256_loadu_ps(src.add(i)), &c);
+        let v = quotient(_mm256_loadu_ps(src.add(j)), &c);
         let v = _mm256_min_ps(_mm256_max_ps(v, c.lo), c.hi);
         let q = _mm256_min_epi32(
             _mm256_cvtps_epi32(_mm256_floor_ps(_mm256_add_ps(v, u))),
             hi_i,
         );
-        _mm256_storeu_si256(
-            codes.as_mut_ptr() as *mut __m256i,
-            _mm256_add_epi32(q, c.zp),
+        _mm256_add_epi32(q, c.zp)
+    };
+    let mut i = 0;
+    while i + 32 <= n {
+        store32(
+            dst.add(i),
+            codes8(i),
+            codes8(i + 8),
+            codes8(i + 16),
+            codes8(i + 24),
         );
-        for (o, &q) in out[i..i + 8].iter_mut().zip(&codes) {
-            *o = T::from_i32(q);
-        }
-        i += 8;
+        i += 32;
     }
     for j in i..n {
         let u = rng::uniform(key, offset.wrapping_add(j as u32));
