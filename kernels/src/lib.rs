@@ -19,6 +19,7 @@ pub mod code;
 pub mod error;
 pub mod fixed_point;
 pub mod integer_only;
+pub mod kmeans;
 pub mod isa;
 pub mod linear;
 pub mod pack;

@@ -1,0 +1,62 @@
+//! NEON paths of [`super::scalar`], name for name. Assignment counts the thresholds below each
+//! value (k <= 16; larger codebooks use the scalar binary search); decoding of k <= 16 is a
+//! 64-byte `tbl` lookup (four table registers), larger codebooks load per lane.
+
+use std::arch::aarch64::*;
+
+use super::{scalar, Codebook};
+
+/// # Safety
+/// The CPU must support NEON; `out.len() == x.len()`.
+#[target_feature(enable = "neon")]
+pub unsafe fn assign(x: &[f32], cb: &Codebook, out: &mut [u8]) {
+    let k = cb.centroids.len();
+    if k > 16 {
+        return scalar::assign(x, cb, out);
+    }
+    let n = x.len();
+    let mut i = 0;
+    let mut lanes = [0u32; 4];
+    while i + 4 <= n {
+        let v = vld1q_f32(x.as_ptr().add(i));
+        let ordered = vceqq_f32(v, v);
+        let v = vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(v), ordered));
+        let mut idx = vdupq_n_u32(0);
+        for &t in &cb.thresholds[..k - 1] {
+            idx = vsubq_u32(idx, vcgeq_f32(v, vdupq_n_f32(t))); // true is all ones
+        }
+        vst1q_u32(lanes.as_mut_ptr(), idx);
+        for (o, &l) in out[i..i + 4].iter_mut().zip(&lanes) {
+            *o = l as u8;
+        }
+        i += 4;
+    }
+    scalar::assign(&x[i..], cb, &mut out[i..]);
+}
+
+/// # Safety
+/// The CPU must support NEON; `out.len() == idx.len()`; every index < k.
+#[target_feature(enable = "neon")]
+pub unsafe fn decode(idx: &[u8], cb: &Codebook, out: &mut [f32]) {
+    let k = cb.centroids.len();
+    if k > 16 {
+        return scalar::decode(idx, cb, out);
+    }
+    let t = cb.table.as_ptr() as *const u8;
+    let table = uint8x16x4_t(vld1q_u8(t), vld1q_u8(t.add(16)), vld1q_u8(t.add(32)), vld1q_u8(t.add(48)));
+    let n = idx.len();
+    let mut i = 0;
+    let spread = vdupq_n_u32(0x0404_0404);
+    let bytes_of_lane = vdupq_n_u32(0x0302_0100);
+    while i + 8 <= n {
+        let w = vmovl_u8(vld1_u8(idx.as_ptr().add(i)));
+        for (j, half) in [vmovl_u16(vget_low_u16(w)), vmovl_high_u16(w)].into_iter().enumerate() {
+            // lane value c becomes bytes 4c, 4c+1, 4c+2, 4c+3: the f32 centroid c of the table
+            let sel = vreinterpretq_u8_u32(vmlaq_u32(bytes_of_lane, half, spread));
+            let f = vreinterpretq_f32_u8(vqtbl4q_u8(table, sel));
+            vst1q_f32(out.as_mut_ptr().add(i + 4 * j), f);
+        }
+        i += 8;
+    }
+    scalar::decode(&idx[i..], cb, &mut out[i..]);
+}

@@ -1,0 +1,359 @@
+//! K-means weight sharing: optimal 1-D clustering into codebooks, assignment of values to
+//! their nearest centroid, decoding of indices, and the per-centroid gradient sums that
+//! fine-tuning (Deep Compression) uses.
+//!
+//! * [`optimal_1d`] finds the clustering of minimum within-cluster sum of squares (SSE), not a
+//!   local optimum: in one dimension optimal clusters are contiguous runs of the sorted values,
+//!   so a dynamic program over the sorted distinct values (with multiplicities as weights)
+//!   is exact; its layers are monotone-argmin problems solved by divide and conquer
+//!   (O(k m log m) for m distinct values; Wang & Song 2011, Gronlund et al. 2017).
+//! * Ties (several partitions with the same SSE) are broken toward the leftmost boundaries:
+//!   each cluster ends as early as possible, scanning from the first value (up to f64 rounding
+//!   of the costs). For [1, 3, 5, 7, 9] and k = 2 that is {1, 3}, {5, 7, 9}: centroids 2 and 7.
+//! * Centroids are stored sorted ascending; index `i` is the `i`-th smallest centroid.
+//! * Policy for non-finite values (the crate's NaN policy): clustering ignores NaN and +-inf;
+//!   assignment reads NaN as 0.0 and sends +-inf to the last / first centroid.
+//!
+//! Assignment and decoding are defined in [`scalar`]; the SIMD paths match them bit for bit.
+
+pub mod scalar;
+#[cfg(target_arch = "aarch64")]
+mod aarch64_neon;
+#[cfg(target_arch = "x86_64")]
+mod x86_avx2;
+#[cfg(target_arch = "x86_64")]
+mod x86_avx512;
+
+use crate::error::{check_len, KernelError};
+use crate::isa::Kernels;
+use crate::linear::ChannelLayout;
+
+/// Largest codebook: indices are stored in `u8`.
+pub const MAX_CLUSTERS: usize = 256;
+/// Largest traceback table of the exact dynamic program, in entries of 4 bytes (1 GiB).
+pub const MAX_TRACEBACK: usize = 1 << 28;
+
+/// A sorted codebook of 1..=256 finite centroids, with the thresholds that assignment uses.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Codebook {
+    centroids: Vec<f32>,
+    /// `thresholds[j]` is the smallest f32 strictly above the midpoint of centroids `j` and
+    /// `j+1` (computed exactly in f64), so `x >= thresholds[j]` exactly when `x` is closer to
+    /// centroid `j+1` (an exact midpoint goes to the lower centroid). Padded with +inf to a
+    /// power of two minus one entries for branch-free binary search.
+    pub(crate) thresholds: Vec<f32>,
+    /// The first 32 centroids, padded with the last one (register-resident decode tables).
+    pub(crate) table: [f32; 32],
+}
+
+impl Codebook {
+    /// A codebook from centroids (sorted here); they must be finite and 1..=256 many.
+    pub fn new(mut centroids: Vec<f32>) -> Result<Codebook, KernelError> {
+        if centroids.is_empty() || centroids.len() > MAX_CLUSTERS {
+            return Err(KernelError::Range {
+                message: format!("codebook of {} centroids: expected 1..={MAX_CLUSTERS}", centroids.len()),
+            });
+        }
+        if let Some(bad) = centroids.iter().find(|c| !c.is_finite()) {
+            return Err(KernelError::Range {
+                message: format!("codebook centroid {bad}: centroids must be finite"),
+            });
+        }
+        centroids.sort_by(f32::total_cmp);
+        let k = centroids.len();
+        let padded = k.next_power_of_two() - 1;
+        let mut thresholds: Vec<f32> = centroids
+            .windows(2)
+            .map(|w| {
+                let mid = (w[0] as f64 + w[1] as f64) / 2.0; // exact
+                let t = mid as f32;
+                if t as f64 > mid {
+                    t
+                } else {
+                    t.next_up()
+                }
+            })
+            .collect();
+        thresholds.resize(padded, f32::INFINITY);
+        let mut table = [centroids[k - 1]; 32];
+        for (t, &c) in table.iter_mut().zip(&centroids) {
+            *t = c;
+        }
+        Ok(Codebook {
+            centroids,
+            thresholds,
+            table,
+        })
+    }
+
+    /// The centroids, ascending.
+    pub fn centroids(&self) -> &[f32] {
+        &self.centroids
+    }
+
+    /// Number of centroids `k`.
+    pub fn len(&self) -> usize {
+        self.centroids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.centroids.is_empty()
+    }
+
+    /// Bits per stored index: `ceil(log2 k)` (0 for a single centroid).
+    pub fn index_bits(&self) -> u32 {
+        (self.len() as u32).next_power_of_two().trailing_zeros()
+    }
+}
+
+/// Result of a clustering.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KMeansFit {
+    pub codebook: Codebook,
+    /// Sum over the finite input values of the squared distance to their centroid, computed
+    /// in f64 directly from the data and the final centroids.
+    pub sse: f64,
+}
+
+/// Sorted distinct finite values and their multiplicities.
+fn distinct_sorted(x: &[f32]) -> (Vec<f64>, Vec<f64>) {
+    let mut v: Vec<f32> = x.iter().copied().filter(|v| v.is_finite()).collect();
+    v.sort_unstable_by(f32::total_cmp);
+    let mut values: Vec<f64> = Vec::new();
+    let mut weights: Vec<f64> = Vec::new();
+    for &a in &v {
+        // -0.0 and 0.0 are one value
+        if values.last().is_some_and(|&l| l == a as f64) {
+            *weights.last_mut().unwrap() += 1.0;
+        } else {
+            values.push(a as f64);
+            weights.push(1.0);
+        }
+    }
+    (values, weights)
+}
+
+/// Prefix sums of weights, weighted values and weighted squares, of values shifted by their
+/// weighted mean (smaller magnitudes, less cancellation in the cost formula).
+struct Prefix {
+    w: Vec<f64>,
+    s1: Vec<f64>,
+    s2: Vec<f64>,
+}
+
+impl Prefix {
+    fn new(values: &[f64], weights: &[f64]) -> Prefix {
+        let total: f64 = weights.iter().sum();
+        let mean = values.iter().zip(weights).map(|(v, w)| v * w).sum::<f64>() / total;
+        let m = values.len();
+        let (mut w, mut s1, mut s2) = (vec![0.0; m + 1], vec![0.0; m + 1], vec![0.0; m + 1]);
+        for i in 0..m {
+            let d = values[i] - mean;
+            w[i + 1] = w[i] + weights[i];
+            s1[i + 1] = s1[i] + weights[i] * d;
+            s2[i + 1] = s2[i] + weights[i] * d * d;
+        }
+        Prefix { w, s1, s2 }
+    }
+
+    /// SSE of the cluster made of distinct values `i..j` (0-based, `i < j`).
+    #[inline]
+    fn cost(&self, i: usize, j: usize) -> f64 {
+        let w = self.w[j] - self.w[i];
+        let s = self.s1[j] - self.s1[i];
+        ((self.s2[j] - self.s2[i]) - s * s / w).max(0.0)
+    }
+}
+
+/// One layer of the dynamic program: `cur[j] = min_{i < j} prev[i] + cost(i, j)` for `j` in
+/// `lo..=hi`, with the leftmost argmin, by divide and conquer on the monotone argmin.
+#[allow(clippy::too_many_arguments)]
+fn layer(
+    p: &Prefix,
+    prev: &[f64],
+    cur: &mut [f64],
+    arg: &mut [u32],
+    lo: usize,
+    hi: usize,
+    opt_lo: usize,
+    opt_hi: usize,
+) {
+    if lo > hi {
+        return;
+    }
+    let mid = (lo + hi) / 2;
+    let mut best = f64::INFINITY;
+    let mut best_i = opt_lo;
+    for i in opt_lo..=opt_hi.min(mid - 1) {
+        let c = prev[i] + p.cost(i, mid);
+        if c < best {
+            best = c;
+            best_i = i;
+        }
+    }
+    cur[mid] = best;
+    arg[mid] = best_i as u32;
+    if mid > lo {
+        layer(p, prev, cur, arg, lo, mid - 1, opt_lo, best_i);
+    }
+    layer(p, prev, cur, arg, mid + 1, hi, best_i, opt_hi);
+}
+
+/// Boundaries (start indices into the distinct values) of the optimal clustering into
+/// `k <= m` clusters.
+fn optimal_partition(p: &Prefix, m: usize, k: usize) -> Result<Vec<usize>, KernelError> {
+    let entries = (k - 1).saturating_mul(m + 1);
+    if entries > MAX_TRACEBACK {
+        return Err(KernelError::Range {
+            message: format!(
+                "exact k-means of {m} distinct values into {k} clusters needs {} MiB for its traceback (limit {} MiB)",
+                entries * 4 >> 20,
+                MAX_TRACEBACK * 4 >> 20
+            ),
+        });
+    }
+    // prev[j]: best cost of the first j values in `layer` clusters
+    let mut prev: Vec<f64> = (0..=m).map(|j| if j == 0 { 0.0 } else { p.cost(0, j) }).collect();
+    let mut cur = vec![f64::INFINITY; m + 1];
+    let mut args: Vec<Vec<u32>> = Vec::with_capacity(k - 1);
+    for c in 2..=k {
+        let mut arg = vec![0u32; m + 1];
+        cur.iter_mut().for_each(|v| *v = f64::INFINITY);
+        // j values in c clusters need j >= c; the split i leaves >= c-1 values before it
+        layer(p, &prev, &mut cur, &mut arg, c, m, c - 1, m - 1);
+        std::mem::swap(&mut prev, &mut cur);
+        args.push(arg);
+    }
+    let mut starts = vec![0usize; k];
+    let mut j = m;
+    for c in (1..k).rev() {
+        let i = args[c - 1][j] as usize;
+        starts[c] = i;
+        j = i;
+    }
+    Ok(starts)
+}
+
+/// The optimal (minimum-SSE) clustering of the finite values of `x` into at most `k`
+/// clusters: exactly `k` when `x` has at least `k` distinct finite values, else one centroid
+/// per distinct value (an input without finite values gets the single centroid 0.0).
+pub fn optimal_1d(x: &[f32], k: usize) -> Result<KMeansFit, KernelError> {
+    if !(1..=MAX_CLUSTERS).contains(&k) {
+        return Err(KernelError::Range {
+            message: format!("k = {k} clusters: expected 1..={MAX_CLUSTERS}"),
+        });
+    }
+    let (values, weights) = distinct_sorted(x);
+    let m = values.len();
+    if m == 0 {
+        return Ok(KMeansFit {
+            codebook: Codebook::new(vec![0.0])?,
+            sse: 0.0,
+        });
+    }
+    let k = k.min(m);
+    let p = Prefix::new(&values, &weights);
+    let starts = optimal_partition(&p, m, k)?;
+    let mut centroids = Vec::with_capacity(k);
+    for c in 0..k {
+        let (i, j) = (starts[c], if c + 1 < k { starts[c + 1] } else { m });
+        let (mut sw, mut sv) = (0.0f64, 0.0f64);
+        for t in i..j {
+            sw += weights[t];
+            sv += weights[t] * values[t];
+        }
+        centroids.push((sv / sw) as f32);
+    }
+    let codebook = Codebook::new(centroids)?;
+    let sse = sse(x, &codebook);
+    Ok(KMeansFit { codebook, sse })
+}
+
+/// Sum of squared distances of the finite values of `x` to their nearest centroid (f64).
+pub fn sse(x: &[f32], codebook: &Codebook) -> f64 {
+    x.iter()
+        .filter(|v| v.is_finite())
+        .map(|&v| {
+            let c = codebook.centroids[scalar::assign_one(v, codebook) as usize] as f64;
+            (v as f64 - c).powi(2)
+        })
+        .sum()
+}
+
+/// One optimal codebook per channel of `x` viewed through `layout`.
+pub fn optimal_1d_per_channel(x: &[f32], layout: &ChannelLayout, k: usize) -> Result<Vec<KMeansFit>, KernelError> {
+    check_len("per-channel data", layout.len(), x.len())?;
+    let mut channel_values: Vec<Vec<f32>> = vec![Vec::new(); layout.channels];
+    for (s, c) in layout.runs() {
+        channel_values[c].extend_from_slice(&x[s..s + layout.inner]);
+    }
+    channel_values.iter().map(|v| optimal_1d(v, k)).collect()
+}
+
+/// Matches on the ISA like `linear::dispatch!`, for this module's functions.
+macro_rules! dispatch_kmeans {
+    ($k:expr, $f:ident ($($arg:expr),*)) => {
+        match $k.dispatch() {
+            crate::isa::Isa::Scalar => scalar::$f($($arg),*),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: Kernels::new/active only hold ISAs the CPU supports.
+            crate::isa::Isa::Avx2 => unsafe { x86_avx2::$f($($arg),*) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            crate::isa::Isa::Avx512 => unsafe { x86_avx512::$f($($arg),*) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: as above.
+            crate::isa::Isa::Neon => unsafe { aarch64_neon::$f($($arg),*) },
+            #[allow(unreachable_patterns)]
+            isa => unreachable!("Kernels holds {isa}, which this build cannot run"),
+        }
+    };
+}
+
+impl Kernels {
+    /// `out[i]` = index of the centroid nearest to `x[i]` (see [`scalar::assign_one`]).
+    pub fn kmeans_assign(&self, x: &[f32], codebook: &Codebook, out: &mut [u8]) -> Result<(), KernelError> {
+        check_len("kmeans_assign output", x.len(), out.len())?;
+        dispatch_kmeans!(self, assign(x, codebook, out));
+        Ok(())
+    }
+
+    /// `out[i] = centroids[idx[i]]`; every index must be below the codebook's size.
+    pub fn kmeans_decode(&self, idx: &[u8], codebook: &Codebook, out: &mut [f32]) -> Result<(), KernelError> {
+        check_len("kmeans_decode output", idx.len(), out.len())?;
+        let k = codebook.len();
+        if k < 256 {
+            if let Some(pos) = idx.iter().position(|&i| i as usize >= k) {
+                return Err(KernelError::Range {
+                    message: format!("index {} at position {pos} is outside a codebook of {k} centroids", idx[pos]),
+                });
+            }
+        }
+        dispatch_kmeans!(self, decode(idx, codebook, out));
+        Ok(())
+    }
+}
+
+/// Deep Compression's centroid gradients: for each of `k` centroids, the sum of the gradients
+/// of the weights assigned to it (accumulated in f64, in index order) and how many weights
+/// that is. (Scalar: a scatter-add over `k <= 256` bins, run once per training step.)
+pub fn centroid_gradients(grads: &[f32], idx: &[u8], k: usize) -> Result<(Vec<f64>, Vec<u64>), KernelError> {
+    check_len("centroid gradient indices", grads.len(), idx.len())?;
+    if !(1..=MAX_CLUSTERS).contains(&k) {
+        return Err(KernelError::Range {
+            message: format!("k = {k} clusters: expected 1..={MAX_CLUSTERS}"),
+        });
+    }
+    if let Some(pos) = idx.iter().position(|&i| i as usize >= k) {
+        return Err(KernelError::Range {
+            message: format!("index {} at position {pos} is outside a codebook of {k} centroids", idx[pos]),
+        });
+    }
+    let mut sums = vec![0f64; k];
+    let mut counts = vec![0u64; k];
+    for (&g, &i) in grads.iter().zip(idx) {
+        sums[i as usize] += g as f64;
+        counts[i as usize] += 1;
+    }
+    Ok((sums, counts))
+}

@@ -1,0 +1,75 @@
+//! AVX2 paths of [`super::scalar`], name for name. Assignment counts the thresholds below each
+//! value (k <= 16) or binary-searches them with gathers; decoding is `vpermps` for k <= 8 or a
+//! gather. Tails use the scalar reference.
+
+use std::arch::x86_64::*;
+
+use super::{scalar, Codebook};
+use crate::linear::x86_avx2::store32;
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn assign8(x: __m256, cb: &Codebook) -> __m256i {
+    let ordered = _mm256_cmp_ps::<_CMP_ORD_Q>(x, x);
+    let x = _mm256_and_ps(x, ordered);
+    let k = cb.centroids.len();
+    let mut idx = _mm256_setzero_si256();
+    if k <= 16 {
+        for &t in &cb.thresholds[..k - 1] {
+            let ge = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(t));
+            idx = _mm256_sub_epi32(idx, _mm256_castps_si256(ge)); // true is -1
+        }
+        idx
+    } else {
+        let base = cb.thresholds.as_ptr();
+        let mut step = cb.thresholds.len().div_ceil(2);
+        while step > 0 {
+            let probe = _mm256_add_epi32(idx, _mm256_set1_epi32(step as i32 - 1));
+            let t = _mm256_i32gather_ps::<4>(base, probe);
+            let ge = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(x, t));
+            idx = _mm256_add_epi32(idx, _mm256_and_si256(ge, _mm256_set1_epi32(step as i32)));
+            step /= 2;
+        }
+        _mm256_min_epi32(idx, _mm256_set1_epi32(k as i32 - 1))
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA; `out.len() == x.len()`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn assign(x: &[f32], cb: &Codebook, out: &mut [u8]) {
+    let n = x.len();
+    let (src, dst) = (x.as_ptr(), out.as_mut_ptr());
+    let mut i = 0;
+    while i + 32 <= n {
+        let a = assign8(_mm256_loadu_ps(src.add(i)), cb);
+        let b = assign8(_mm256_loadu_ps(src.add(i + 8)), cb);
+        let c = assign8(_mm256_loadu_ps(src.add(i + 16)), cb);
+        let d = assign8(_mm256_loadu_ps(src.add(i + 24)), cb);
+        store32(dst.add(i), a, b, c, d);
+        i += 32;
+    }
+    scalar::assign(&x[i..], cb, &mut out[i..]);
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA; `out.len() == idx.len()`; every index < k.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn decode(idx: &[u8], cb: &Codebook, out: &mut [f32]) {
+    let n = idx.len();
+    let (src, dst) = (idx.as_ptr(), out.as_mut_ptr());
+    let k = cb.centroids.len();
+    let table = _mm256_loadu_ps(cb.table.as_ptr());
+    let mut i = 0;
+    while i + 8 <= n {
+        let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(src.add(i) as *const __m128i));
+        let f = if k <= 8 {
+            _mm256_permutevar8x32_ps(table, v)
+        } else {
+            _mm256_i32gather_ps::<4>(cb.centroids.as_ptr(), v)
+        };
+        _mm256_storeu_ps(dst.add(i), f);
+        i += 8;
+    }
+    scalar::decode(&idx[i..], cb, &mut out[i..]);
+}
