@@ -24,18 +24,23 @@ enum MethodArg {
     Linear,
     Fixed,
     DynamicFixed,
+    Kmeans,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Quantize one tensor and print one JSON object: params, codes, dequantized values,
-    /// stored size, compression and error.
+    /// stored size, compression and error. Methods: linear, fixed, dynamic-fixed, kmeans.
     Tensor {
         #[arg(long, value_enum)]
         method: MethodArg,
-        /// Bits per code: linear 1..=8 or 16; fixed / dynamic-fixed 2..=16 (with the sign bit).
+        /// Bits per code: linear 1..=8 or 16; fixed / dynamic-fixed 2..=16 (with the sign bit);
+        /// kmeans 1..=8 (2^bits clusters).
         #[arg(long)]
-        bits: u32,
+        bits: Option<u32>,
+        /// kmeans: number of clusters, 1..=256 (codes take ceil(log2 K) bits).
+        #[arg(long)]
+        clusters: Option<usize>,
         /// Linear: zero point in the middle, scale from max |x|.
         #[arg(long)]
         symmetric: bool,
@@ -131,6 +136,7 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Tensor {
             method,
             bits,
+            clusters,
             symmetric,
             unsigned,
             frac_bits,
@@ -161,8 +167,10 @@ fn run(cli: Cli) -> Result<(), String> {
                     MethodArg::Linear => TensorMethod::Linear,
                     MethodArg::Fixed => TensorMethod::Fixed,
                     MethodArg::DynamicFixed => TensorMethod::DynamicFixed,
+                    MethodArg::Kmeans => TensorMethod::KMeans,
                 },
                 bits,
+                clusters,
                 symmetric,
                 unsigned,
                 frac_bits,

@@ -2,6 +2,7 @@
 //! parameters, codes, reconstruction, stored size and error.
 
 use quantbench_kernels::fixed_point::{FixedPointFormat, Rounding};
+use quantbench_kernels::kmeans;
 use quantbench_kernels::pack::packed_len;
 use quantbench_kernels::{ChannelLayout, Code, Kernels, LinearScheme, NoiseKey, QuantParams};
 use serde_json::{json, Value};
@@ -15,6 +16,8 @@ pub enum TensorMethod {
     Fixed,
     /// Qm.n with the fractional bits chosen from the data (per tensor or per channel).
     DynamicFixed,
+    /// Optimal 1-D k-means codebook (per tensor or per channel) and one index per value.
+    KMeans,
 }
 
 impl TensorMethod {
@@ -23,6 +26,7 @@ impl TensorMethod {
             TensorMethod::Linear => "linear",
             TensorMethod::Fixed => "fixed",
             TensorMethod::DynamicFixed => "dynamic-fixed",
+            TensorMethod::KMeans => "kmeans",
         }
     }
 }
@@ -31,7 +35,10 @@ impl TensorMethod {
 #[derive(Clone, Debug)]
 pub struct TensorRequest {
     pub method: TensorMethod,
-    pub bits: u32,
+    /// Bits per code; for k-means, `2^bits` clusters (or give `clusters`).
+    pub bits: Option<u32>,
+    /// k-means: number of clusters (codes take `ceil(log2 k)` bits).
+    pub clusters: Option<usize>,
     pub symmetric: bool,
     pub unsigned: bool,
     pub frac_bits: Option<i32>,
@@ -69,9 +76,12 @@ pub fn run(req: &TensorRequest, k: &Kernels) -> Result<Value, String> {
         }
         None => None,
     };
-    let q = match req.method {
-        TensorMethod::Linear => linear(req, k, layout)?,
-        TensorMethod::Fixed | TensorMethod::DynamicFixed => fixed(req, k, layout)?,
+    let (q, bits) = match (req.method, req.bits, req.clusters) {
+        (TensorMethod::KMeans, bits, clusters) => kmeans(req, k, layout, bits, clusters)?,
+        (_, _, Some(_)) => return Err("--clusters applies to --method kmeans".into()),
+        (_, None, None) => return Err(format!("--method {} needs --bits N", req.method.name())),
+        (TensorMethod::Linear, Some(b), None) => (linear(req, k, layout, b)?, b),
+        (_, Some(b), None) => (fixed(req, k, layout, b)?, b),
     };
     let (mut signal, mut noise, mut finite) = (0f64, 0f64, 0usize);
     for (&x, &d) in req.values.iter().zip(&q.dequantized) {
@@ -94,7 +104,7 @@ pub fn run(req: &TensorRequest, k: &Kernels) -> Result<Value, String> {
     let size_bits = q.stored_bytes * 8;
     Ok(json!({
         "method": req.method.name(),
-        "bits": req.bits,
+        "bits": bits,
         "isa": k.isa().name(),
         "shape": req.shape,
         "axis": req.axis,
@@ -120,13 +130,14 @@ fn linear(
     req: &TensorRequest,
     k: &Kernels,
     layout: Option<ChannelLayout>,
+    bits: u32,
 ) -> Result<Quantized, String> {
     if req.frac_bits.is_some() || req.stochastic_seed.is_some() {
         return Err(
             "--frac-bits and --stochastic-seed apply to the fixed-point methods only".into(),
         );
     }
-    let scheme = LinearScheme::new(req.bits, !req.unsigned, req.symmetric)
+    let scheme = LinearScheme::new(bits, !req.unsigned, req.symmetric)
         .map_err(|e| format!("--bits: {e}"))?;
     let x = &req.values;
     let params = match &layout {
@@ -134,7 +145,7 @@ fn linear(
         None => k.choose_params(x, &scheme).map(|p| vec![p]),
     }
     .map_err(|e| e.to_string())?;
-    let (codes, dequantized) = match (req.bits > 8, req.unsigned) {
+    let (codes, dequantized) = match (bits > 8, req.unsigned) {
         (false, false) => linear_codes::<i8>(k, x, layout, &params),
         (false, true) => linear_codes::<u8>(k, x, layout, &params),
         (true, false) => linear_codes::<i16>(k, x, layout, &params),
@@ -159,8 +170,7 @@ fn linear(
         "zero_point": pick(&|p| json!(p.zero_point())),
     });
     // stored: packed codes, then per parameter set an f32 scale and the zero point as one code
-    let stored_bytes =
-        code_bytes(x.len(), req.bits) + params.len() * (4 + (req.bits as usize).div_ceil(8));
+    let stored_bytes = code_bytes(x.len(), bits) + params.len() * (4 + (bits as usize).div_ceil(8));
     Ok(Quantized {
         params: params_json,
         codes,
@@ -196,6 +206,7 @@ fn fixed(
     req: &TensorRequest,
     k: &Kernels,
     layout: Option<ChannelLayout>,
+    bits: u32,
 ) -> Result<Quantized, String> {
     if req.symmetric || req.unsigned {
         return Err("--symmetric and --unsigned apply to the linear method only (fixed point is signed and symmetric)".into());
@@ -208,20 +219,19 @@ fn fixed(
                     "--axis applies to linear and dynamic-fixed (fixed uses one format)".into(),
                 );
             }
-            vec![FixedPointFormat::new(req.bits, f)
-                .map_err(|e| format!("--bits/--frac-bits: {e}"))?]
+            vec![FixedPointFormat::new(bits, f).map_err(|e| format!("--bits/--frac-bits: {e}"))?]
         }
         (TensorMethod::Fixed, None) => return Err("--method fixed needs --frac-bits F".into()),
         (_, Some(_)) => {
             return Err("--frac-bits applies to --method fixed (dynamic-fixed chooses it)".into())
         }
         (_, None) => match &layout {
-            Some(l) => k.dynamic_fixed_point_per_channel(x, l, req.bits),
-            None => k.dynamic_fixed_point(x, req.bits).map(|f| vec![f]),
+            Some(l) => k.dynamic_fixed_point_per_channel(x, l, bits),
+            None => k.dynamic_fixed_point(x, bits).map(|f| vec![f]),
         }
         .map_err(|e| format!("--bits: {e}"))?,
     };
-    let (codes, dequantized) = if req.bits <= 8 {
+    let (codes, dequantized) = if bits <= 8 {
         fixed_codes::<i8>(k, x, layout, &formats, req.stochastic_seed)
     } else {
         fixed_codes::<i16>(k, x, layout, &formats, req.stochastic_seed)
@@ -236,20 +246,96 @@ fn fixed(
     };
     let params_json = json!({
         "granularity": if layout.is_some() { "per_channel" } else { "per_tensor" },
-        "total_bits": req.bits,
+        "total_bits": bits,
         "int_bits": pick(&|f| json!(f.int_bits())),
         "frac_bits": pick(&|f| json!(f.frac_bits())),
         "step": pick(&|f| json!(f.step())),
         "rounding": match req.stochastic_seed { Some(s) => json!({"stochastic_seed": s}), None => json!("nearest_even") },
     });
     // stored: packed codes, then one byte of fractional bits per format
-    let stored_bytes = code_bytes(x.len(), req.bits) + formats.len();
+    let stored_bytes = code_bytes(x.len(), bits) + formats.len();
     Ok(Quantized {
         params: params_json,
         codes,
         dequantized,
         stored_bytes,
     })
+}
+
+fn kmeans(
+    req: &TensorRequest,
+    k: &Kernels,
+    layout: Option<ChannelLayout>,
+    bits: Option<u32>,
+    clusters: Option<usize>,
+) -> Result<(Quantized, u32), String> {
+    if req.symmetric || req.unsigned || req.frac_bits.is_some() || req.stochastic_seed.is_some() {
+        return Err("--symmetric, --unsigned, --frac-bits and --stochastic-seed do not apply to --method kmeans".into());
+    }
+    let clusters = match (bits, clusters) {
+        (Some(b), None) if (1..=8).contains(&b) => 1usize << b,
+        (Some(b), None) => {
+            return Err(format!(
+                "--bits {b}: k-means takes 1..=8 bits (2..=256 clusters)"
+            ))
+        }
+        (None, Some(c)) if (1..=kmeans::MAX_CLUSTERS).contains(&c) => c,
+        (None, Some(c)) => {
+            return Err(format!(
+                "--clusters {c}: expected 1..={}",
+                kmeans::MAX_CLUSTERS
+            ))
+        }
+        (Some(_), Some(_)) => return Err("give --bits or --clusters, not both".into()),
+        (None, None) => return Err("--method kmeans needs --bits N or --clusters K".into()),
+    };
+    // codes take ceil(log2 k) bits; the stored codebook always has k entries (fewer distinct
+    // values than k leave unused entries)
+    let index_bits = (clusters as u32).next_power_of_two().trailing_zeros();
+    let x = &req.values;
+    let fits = match &layout {
+        Some(l) => kmeans::optimal_1d_per_channel(x, l, clusters),
+        None => kmeans::optimal_1d(x, clusters).map(|f| vec![f]),
+    }
+    .map_err(|e| e.to_string())?;
+    let mut idx = vec![0u8; x.len()];
+    let mut dequantized = vec![0f32; x.len()];
+    let runs: Vec<(usize, usize, usize)> = match layout {
+        Some(l) => l.runs().map(|(s, c)| (s, s + l.inner, c)).collect(),
+        None => vec![(0, x.len(), 0)],
+    };
+    for (s, e, c) in runs {
+        let cb = &fits[c].codebook;
+        k.kmeans_assign(&x[s..e], cb, &mut idx[s..e])
+            .map_err(|e| e.to_string())?;
+        k.kmeans_decode(&idx[s..e], cb, &mut dequantized[s..e])
+            .map_err(|e| e.to_string())?;
+    }
+    let pick = |f: &dyn Fn(&kmeans::KMeansFit) -> Value| -> Value {
+        if layout.is_some() {
+            Value::Array(fits.iter().map(f).collect())
+        } else {
+            f(&fits[0])
+        }
+    };
+    let params = json!({
+        "granularity": if layout.is_some() { "per_channel" } else { "per_tensor" },
+        "clusters": clusters,
+        "index_bits": index_bits,
+        "codebook": pick(&|f| json!(f.codebook.centroids())),
+        "sse": pick(&|f| json!(f.sse)),
+    });
+    let stored_bytes = packed_len(x.len(), index_bits.max(1)) * (index_bits > 0) as usize
+        + fits.len() * clusters * 4;
+    Ok((
+        Quantized {
+            params,
+            codes: idx.iter().map(|&i| i as i32).collect(),
+            dequantized,
+            stored_bytes,
+        },
+        index_bits,
+    ))
 }
 
 fn fixed_codes<T: Code>(
@@ -286,7 +372,8 @@ mod tests {
     fn req(method: TensorMethod, bits: u32, values: &[f32]) -> TensorRequest {
         TensorRequest {
             method,
-            bits,
+            bits: Some(bits),
+            clusters: None,
             symmetric: false,
             unsigned: false,
             frac_bits: None,
@@ -328,6 +415,31 @@ mod tests {
         r.shape = vec![3];
         r.axis = Some(1);
         assert!(run(&r, &k).unwrap_err().contains("axis 1 out of range"));
+    }
+
+    #[test]
+    fn kmeans_seed_example_is_3_2x_smaller() {
+        // the seed's worked example: 4x4 fp32 weights, 2-bit indices, 4 fp32 centroids
+        let values: Vec<f32> = (0..16).map(|i| ((i * 7) % 16) as f32 * 0.3 - 2.0).collect();
+        let mut r = req(TensorMethod::KMeans, 2, &values);
+        r.shape = vec![4, 4];
+        let out = run(&r, &Kernels::active()).unwrap();
+        assert_eq!(out["size_bits"], 160);
+        assert_eq!(out["compression_vs_fp32"], 3.2);
+        assert_eq!(out["params"]["codebook"].as_array().unwrap().len(), 4);
+        let r = TensorRequest {
+            bits: None,
+            clusters: Some(3),
+            ..req(
+                TensorMethod::KMeans,
+                0,
+                &[10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0],
+            )
+        };
+        let out = run(&r, &Kernels::active()).unwrap();
+        assert_eq!(out["params"]["codebook"], json!([20.0, 50.0, 80.0]));
+        assert_eq!(out["codes"], json!([0, 0, 0, 1, 1, 1, 2, 2, 2]));
+        assert_eq!(out["bits"], 2);
     }
 
     #[test]

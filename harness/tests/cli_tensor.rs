@@ -145,6 +145,44 @@ fn fixed_point_seed_example_and_stochastic_rounding() {
 }
 
 #[test]
+fn kmeans_4x4_two_bit_is_160_bits() {
+    // any 4x4 matrix with at least 4 distinct values: 16 * 2 + 4 * 32 = 160 bits, 3.2x
+    for values in [
+        "0.1,-0.2,0.3,0.4,0.5,0.6,-0.7,0.8,0.9,1.0,1.1,1.2,1.3,1.4,1.5,1.6",
+        "1,1,1,1,2,2,2,2,3,3,3,3,40,40,40,-7",
+    ] {
+        let v = json(&[
+            "tensor", "--method", "kmeans", "--bits", "2", "--shape", "4,4", "--values", values,
+        ]);
+        assert_eq!(v["size_bits"], 160, "{values}");
+        assert_eq!(v["compression_vs_fp32"], 3.2);
+        assert_eq!(v["bits"], 2);
+        let codebook = v["params"]["codebook"].as_array().unwrap();
+        assert_eq!(codebook.len(), 4);
+        // every value is replaced by its centroid
+        for (code, deq) in v["codes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(v["dequantized"].as_array().unwrap())
+        {
+            assert_eq!(&codebook[code.as_u64().unwrap() as usize], deq);
+        }
+    }
+    let v = json(&[
+        "tensor",
+        "--method",
+        "kmeans",
+        "--clusters",
+        "2",
+        "--values",
+        "1,3,5,7,9",
+    ]);
+    assert_eq!(v["params"]["codebook"], serde_json::json!([2.0, 7.0]));
+    assert_eq!(v["params"]["sse"], 10.0);
+}
+
+#[test]
 fn bad_input_is_one_line_and_exit_2() {
     let cases: &[(&[&str], &str)] = &[
         (

@@ -120,6 +120,8 @@ fn benches(c: &mut Criterion) {
         ),
     ];
 
+    kmeans_benches(c, &isas);
+
     for (name, per_channel, run) in &kernels {
         let mut g = c.benchmark_group(*name);
         g.sample_size(20)
@@ -136,6 +138,43 @@ fn benches(c: &mut Criterion) {
             for &isa in &isas {
                 let k = Kernels::new(isa).unwrap();
                 g.bench_function(BenchmarkId::new(isa.name(), n), |b| b.iter(|| run(&k, d)));
+            }
+        }
+        g.finish();
+    }
+}
+
+/// `kmeans_assign/{isa}/{n}/{k}` and `kmeans_decode/{isa}/{n}/{k}`: throughput in bytes of
+/// the f32 side.
+fn kmeans_benches(c: &mut Criterion, isas: &[Isa]) {
+    use quantbench_kernels::kmeans::Codebook;
+    for (name, decode) in [("kmeans_assign", false), ("kmeans_decode", true)] {
+        let mut g = c.benchmark_group(name);
+        g.sample_size(20)
+            .warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_millis(1200));
+        for n in [65_539usize, 262_144, 16 << 20] {
+            let x = data(n);
+            let mut idx = vec![0u8; n];
+            let mut out = vec![0f32; n];
+            g.throughput(Throughput::Bytes(4 * n as u64));
+            for k in [4usize, 16, 256] {
+                let cb = Codebook::new((0..k).map(|j| (j as f32 / k as f32 - 0.5) * 8.0).collect())
+                    .unwrap();
+                Kernels::scalar().kmeans_assign(&x, &cb, &mut idx).unwrap();
+                for &isa in isas {
+                    let kern = Kernels::new(isa).unwrap();
+                    let id = BenchmarkId::new(isa.name(), format!("{n}/{k}"));
+                    if decode {
+                        g.bench_function(id, |b| {
+                            b.iter(|| kern.kmeans_decode(black_box(&idx), &cb, &mut out).unwrap())
+                        });
+                    } else {
+                        g.bench_function(id, |b| {
+                            b.iter(|| kern.kmeans_assign(black_box(&x), &cb, &mut idx).unwrap())
+                        });
+                    }
+                }
             }
         }
         g.finish();

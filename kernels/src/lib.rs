@@ -9,6 +9,7 @@
 //! | linear `r = S(q - Z)` | [`linear`] | min/max, quantize, dequantize, fake-quant, stochastic rounding |
 //! | fixed point Qm.n, dynamic fixed point | [`fixed_point`] | (the linear kernels with a power-of-two scale) |
 //! | integer-only requantization | [`integer_only`] | requantize i32 -> i8/u8/i16/u16, per tensor and per channel |
+//! | k-means weight sharing | [`kmeans`] | assign (value -> nearest centroid), decode (index -> centroid); the exact 1-D clustering and centroid gradients are scalar algorithms |
 //! | bit-packing of 1..=8-bit codes | [`pack`] | scalar (runs once per stored tensor) |
 //!
 //! NaN policy, the same everywhere: NaN is read as 0.0 (it quantizes to the zero point),
@@ -19,8 +20,8 @@ pub mod code;
 pub mod error;
 pub mod fixed_point;
 pub mod integer_only;
-pub mod kmeans;
 pub mod isa;
+pub mod kmeans;
 pub mod linear;
 pub mod pack;
 pub mod rng;

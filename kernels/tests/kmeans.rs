@@ -4,7 +4,9 @@
 mod common;
 
 use common::{bits_eq, data, isas, lengths, Rng};
-use quantbench_kernels::kmeans::{centroid_gradients, optimal_1d, optimal_1d_per_channel, sse, Codebook};
+use quantbench_kernels::kmeans::{
+    centroid_gradients, optimal_1d, optimal_1d_per_channel, sse, Codebook,
+};
 use quantbench_kernels::{ChannelLayout, Kernels};
 
 /// Minimum SSE over all partitions of the sorted values into exactly `k` contiguous groups,
@@ -40,6 +42,7 @@ fn brute_force(x: &[f32], k: usize) -> f64 {
 
 /// An independent textbook O(k n^2) dynamic program over all sorted values (no distinct-value
 /// compression, no monotonicity, costs from running sums).
+#[allow(clippy::needless_range_loop)] // the textbook form, on purpose
 fn quadratic_dp(x: &[f32], k: usize) -> f64 {
     let mut v: Vec<f64> = x.iter().map(|&a| a as f64).collect();
     v.sort_by(f64::total_cmp);
@@ -97,7 +100,13 @@ fn optimal_against_brute_force() {
         let k = 1 + rng.below(n.min(5) as u64) as usize;
         // small integers make ties and duplicates common
         let x: Vec<f32> = (0..n)
-            .map(|_| if trial % 2 == 0 { rng.range_i32(-6, 6) as f32 } else { rng.normalish(3.0) })
+            .map(|_| {
+                if trial % 2 == 0 {
+                    rng.range_i32(-6, 6) as f32
+                } else {
+                    rng.normalish(3.0)
+                }
+            })
             .collect();
         let distinct = {
             let mut d = x.clone();
@@ -107,7 +116,11 @@ fn optimal_against_brute_force() {
         };
         let f = optimal_1d(&x, k).unwrap();
         let want = brute_force(&x, k.min(distinct));
-        assert!(close(f.sse, want), "{x:?} k={k}: ours {} brute force {want}", f.sse);
+        assert!(
+            close(f.sse, want),
+            "{x:?} k={k}: ours {} brute force {want}",
+            f.sse
+        );
         assert_eq!(f.codebook.len(), k.min(distinct));
     }
 }
@@ -115,19 +128,39 @@ fn optimal_against_brute_force() {
 #[test]
 fn optimal_against_quadratic_dp() {
     let mut rng = Rng::new(32);
-    for &(n, k) in &[(50usize, 3usize), (200, 8), (700, 16), (2000, 4), (2000, 33), (1500, 256)] {
+    for &(n, k) in &[
+        (50usize, 3usize),
+        (200, 8),
+        (700, 16),
+        (2000, 4),
+        (2000, 33),
+        (1500, 256),
+    ] {
         let x = data(&mut rng, n, 2.0, 0.01, false);
         let f = optimal_1d(&x, k).unwrap();
         let want = quadratic_dp(&x, k);
-        assert!(close(f.sse, want), "n={n} k={k}: ours {} quadratic DP {want}", f.sse);
-        assert!(f.codebook.centroids().windows(2).all(|w| w[0] < w[1]), "sorted, distinct");
+        assert!(
+            close(f.sse, want),
+            "n={n} k={k}: ours {} quadratic DP {want}",
+            f.sse
+        );
+        assert!(
+            f.codebook.centroids().windows(2).all(|w| w[0] < w[1]),
+            "sorted, distinct"
+        );
     }
 }
 
 #[test]
 fn degenerate_inputs() {
     assert_eq!(optimal_1d(&[], 4).unwrap().codebook.centroids(), &[0.0]);
-    assert_eq!(optimal_1d(&[f32::NAN, f32::INFINITY], 4).unwrap().codebook.centroids(), &[0.0]);
+    assert_eq!(
+        optimal_1d(&[f32::NAN, f32::INFINITY], 4)
+            .unwrap()
+            .codebook
+            .centroids(),
+        &[0.0]
+    );
     let f = optimal_1d(&[2.5; 10], 8).unwrap();
     assert_eq!((f.codebook.centroids(), f.sse), (&[2.5f32][..], 0.0));
     let f = optimal_1d(&[1.0, 2.0, 2.0, f32::NAN, 4.0], 8).unwrap();
@@ -155,7 +188,9 @@ fn codebook(rng: &mut Rng, k: usize) -> Codebook {
 fn assign_and_decode_match_scalar_on_every_isa() {
     let mut rng = Rng::new(33);
     let scalar = Kernels::scalar();
-    for k in [1usize, 2, 3, 4, 7, 8, 9, 15, 16, 17, 31, 32, 33, 100, 255, 256] {
+    for k in [
+        1usize, 2, 3, 4, 7, 8, 9, 15, 16, 17, 31, 32, 33, 100, 255, 256,
+    ] {
         let cb = codebook(&mut rng, k);
         for isa in isas() {
             let kern = Kernels::new(isa).unwrap();
@@ -200,9 +235,15 @@ fn assignment_is_nearest() {
             let i = i as usize;
             for j in 0..k {
                 if c[j] < c[i] {
-                    assert!(v as f64 > mid(j, i), "value {v} -> {i}, but {j} is as near (k={k})");
+                    assert!(
+                        v as f64 > mid(j, i),
+                        "value {v} -> {i}, but {j} is as near (k={k})"
+                    );
                 } else if c[j] > c[i] {
-                    assert!(v as f64 <= mid(i, j), "value {v} -> {i}, but {j} is nearer (k={k})");
+                    assert!(
+                        v as f64 <= mid(i, j),
+                        "value {v} -> {i}, but {j} is nearer (k={k})"
+                    );
                 }
             }
         }
@@ -212,13 +253,19 @@ fn assignment_is_nearest() {
 #[test]
 fn decode_rejects_out_of_range_indices() {
     let cb = Codebook::new(vec![0.0, 1.0, 2.0]).unwrap();
-    let e = Kernels::active().kmeans_decode(&[0, 1, 3], &cb, &mut [0.0; 3]).unwrap_err();
-    assert_eq!(e.to_string(), "index 3 at position 2 is outside a codebook of 3 centroids");
+    let e = Kernels::active()
+        .kmeans_decode(&[0, 1, 3], &cb, &mut [0.0; 3])
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "index 3 at position 2 is outside a codebook of 3 centroids"
+    );
 }
 
 #[test]
 fn centroid_gradient_sums() {
-    let (sums, counts) = centroid_gradients(&[0.5, -1.0, 2.0, 0.25, 1.0], &[0, 2, 2, 0, 1], 4).unwrap();
+    let (sums, counts) =
+        centroid_gradients(&[0.5, -1.0, 2.0, 0.25, 1.0], &[0, 2, 2, 0, 1], 4).unwrap();
     assert_eq!(sums, vec![0.75, 1.0, 1.0, 0.0]);
     assert_eq!(counts, vec![2, 1, 2, 0]);
     assert!(centroid_gradients(&[1.0], &[4], 4).is_err());

@@ -43,14 +43,22 @@ pub unsafe fn decode(idx: &[u8], cb: &Codebook, out: &mut [f32]) {
         return scalar::decode(idx, cb, out);
     }
     let t = cb.table.as_ptr() as *const u8;
-    let table = uint8x16x4_t(vld1q_u8(t), vld1q_u8(t.add(16)), vld1q_u8(t.add(32)), vld1q_u8(t.add(48)));
+    let table = uint8x16x4_t(
+        vld1q_u8(t),
+        vld1q_u8(t.add(16)),
+        vld1q_u8(t.add(32)),
+        vld1q_u8(t.add(48)),
+    );
     let n = idx.len();
     let mut i = 0;
     let spread = vdupq_n_u32(0x0404_0404);
     let bytes_of_lane = vdupq_n_u32(0x0302_0100);
     while i + 8 <= n {
         let w = vmovl_u8(vld1_u8(idx.as_ptr().add(i)));
-        for (j, half) in [vmovl_u16(vget_low_u16(w)), vmovl_high_u16(w)].into_iter().enumerate() {
+        for (j, half) in [vmovl_u16(vget_low_u16(w)), vmovl_high_u16(w)]
+            .into_iter()
+            .enumerate()
+        {
             // lane value c becomes bytes 4c, 4c+1, 4c+2, 4c+3: the f32 centroid c of the table
             let sel = vreinterpretq_u8_u32(vmlaq_u32(bytes_of_lane, half, spread));
             let f = vreinterpretq_f32_u8(vqtbl4q_u8(table, sel));

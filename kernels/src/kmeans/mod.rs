@@ -16,9 +16,9 @@
 //!
 //! Assignment and decoding are defined in [`scalar`]; the SIMD paths match them bit for bit.
 
-pub mod scalar;
 #[cfg(target_arch = "aarch64")]
 mod aarch64_neon;
+pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86_avx2;
 #[cfg(target_arch = "x86_64")]
@@ -51,7 +51,10 @@ impl Codebook {
     pub fn new(mut centroids: Vec<f32>) -> Result<Codebook, KernelError> {
         if centroids.is_empty() || centroids.len() > MAX_CLUSTERS {
             return Err(KernelError::Range {
-                message: format!("codebook of {} centroids: expected 1..={MAX_CLUSTERS}", centroids.len()),
+                message: format!(
+                    "codebook of {} centroids: expected 1..={MAX_CLUSTERS}",
+                    centroids.len()
+                ),
             });
         }
         if let Some(bad) = centroids.iter().find(|c| !c.is_finite()) {
@@ -184,8 +187,9 @@ fn layer(
     let mid = (lo + hi) / 2;
     let mut best = f64::INFINITY;
     let mut best_i = opt_lo;
-    for i in opt_lo..=opt_hi.min(mid - 1) {
-        let c = prev[i] + p.cost(i, mid);
+    let top = opt_hi.min(mid - 1);
+    for (i, &before) in prev.iter().enumerate().take(top + 1).skip(opt_lo) {
+        let c = before + p.cost(i, mid);
         if c < best {
             best = c;
             best_i = i;
@@ -207,13 +211,15 @@ fn optimal_partition(p: &Prefix, m: usize, k: usize) -> Result<Vec<usize>, Kerne
         return Err(KernelError::Range {
             message: format!(
                 "exact k-means of {m} distinct values into {k} clusters needs {} MiB for its traceback (limit {} MiB)",
-                entries * 4 >> 20,
-                MAX_TRACEBACK * 4 >> 20
+                (entries * 4) >> 20,
+                (MAX_TRACEBACK * 4) >> 20
             ),
         });
     }
     // prev[j]: best cost of the first j values in `layer` clusters
-    let mut prev: Vec<f64> = (0..=m).map(|j| if j == 0 { 0.0 } else { p.cost(0, j) }).collect();
+    let mut prev: Vec<f64> = (0..=m)
+        .map(|j| if j == 0 { 0.0 } else { p.cost(0, j) })
+        .collect();
     let mut cur = vec![f64::INFINITY; m + 1];
     let mut args: Vec<Vec<u32>> = Vec::with_capacity(k - 1);
     for c in 2..=k {
@@ -281,7 +287,11 @@ pub fn sse(x: &[f32], codebook: &Codebook) -> f64 {
 }
 
 /// One optimal codebook per channel of `x` viewed through `layout`.
-pub fn optimal_1d_per_channel(x: &[f32], layout: &ChannelLayout, k: usize) -> Result<Vec<KMeansFit>, KernelError> {
+pub fn optimal_1d_per_channel(
+    x: &[f32],
+    layout: &ChannelLayout,
+    k: usize,
+) -> Result<Vec<KMeansFit>, KernelError> {
     check_len("per-channel data", layout.len(), x.len())?;
     let mut channel_values: Vec<Vec<f32>> = vec![Vec::new(); layout.channels];
     for (s, c) in layout.runs() {
@@ -312,20 +322,33 @@ macro_rules! dispatch_kmeans {
 
 impl Kernels {
     /// `out[i]` = index of the centroid nearest to `x[i]` (see [`scalar::assign_one`]).
-    pub fn kmeans_assign(&self, x: &[f32], codebook: &Codebook, out: &mut [u8]) -> Result<(), KernelError> {
+    pub fn kmeans_assign(
+        &self,
+        x: &[f32],
+        codebook: &Codebook,
+        out: &mut [u8],
+    ) -> Result<(), KernelError> {
         check_len("kmeans_assign output", x.len(), out.len())?;
         dispatch_kmeans!(self, assign(x, codebook, out));
         Ok(())
     }
 
     /// `out[i] = centroids[idx[i]]`; every index must be below the codebook's size.
-    pub fn kmeans_decode(&self, idx: &[u8], codebook: &Codebook, out: &mut [f32]) -> Result<(), KernelError> {
+    pub fn kmeans_decode(
+        &self,
+        idx: &[u8],
+        codebook: &Codebook,
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
         check_len("kmeans_decode output", idx.len(), out.len())?;
         let k = codebook.len();
         if k < 256 {
             if let Some(pos) = idx.iter().position(|&i| i as usize >= k) {
                 return Err(KernelError::Range {
-                    message: format!("index {} at position {pos} is outside a codebook of {k} centroids", idx[pos]),
+                    message: format!(
+                        "index {} at position {pos} is outside a codebook of {k} centroids",
+                        idx[pos]
+                    ),
                 });
             }
         }
@@ -337,7 +360,11 @@ impl Kernels {
 /// Deep Compression's centroid gradients: for each of `k` centroids, the sum of the gradients
 /// of the weights assigned to it (accumulated in f64, in index order) and how many weights
 /// that is. (Scalar: a scatter-add over `k <= 256` bins, run once per training step.)
-pub fn centroid_gradients(grads: &[f32], idx: &[u8], k: usize) -> Result<(Vec<f64>, Vec<u64>), KernelError> {
+pub fn centroid_gradients(
+    grads: &[f32],
+    idx: &[u8],
+    k: usize,
+) -> Result<(Vec<f64>, Vec<u64>), KernelError> {
     check_len("centroid gradient indices", grads.len(), idx.len())?;
     if !(1..=MAX_CLUSTERS).contains(&k) {
         return Err(KernelError::Range {
@@ -346,7 +373,10 @@ pub fn centroid_gradients(grads: &[f32], idx: &[u8], k: usize) -> Result<(Vec<f6
     }
     if let Some(pos) = idx.iter().position(|&i| i as usize >= k) {
         return Err(KernelError::Range {
-            message: format!("index {} at position {pos} is outside a codebook of {k} centroids", idx[pos]),
+            message: format!(
+                "index {} at position {pos} is outside a codebook of {k} centroids",
+                idx[pos]
+            ),
         });
     }
     let mut sums = vec![0f64; k];
