@@ -92,6 +92,14 @@ enum Command {
         #[arg(long)]
         check_codes: Option<PathBuf>,
     },
+    /// Time the exact 1-D k-means of a .npy array (used by `cargo xtask compare kmeans`).
+    #[command(hide = true)]
+    BenchKmeans {
+        #[arg(long)]
+        npy: PathBuf,
+        #[arg(long)]
+        k: usize,
+    },
 }
 
 fn parse_values(text: &str) -> Result<Vec<f32>, String> {
@@ -191,6 +199,18 @@ fn run(cli: Cli) -> Result<(), String> {
                 );
             }
             println!("active: {} ({} to force)", k.isa(), isa::ISA_ENV);
+        }
+        Command::BenchKmeans { npy, k } => {
+            let a = quantbench::npy::read_f32(&npy)?;
+            let start = std::time::Instant::now();
+            let fit =
+                quantbench_kernels::kmeans::optimal_1d(&a.data, k).map_err(|e| e.to_string())?;
+            let seconds = start.elapsed().as_secs_f64();
+            let rec = serde_json::json!({
+                "n": a.data.len(), "k": k, "mode": "exact", "threads": 1,
+                "ours_s": seconds, "ours_sse": fit.sse, "centroids": fit.codebook.len(),
+            });
+            print_line(&rec.to_string())?;
         }
         Command::BenchKernel {
             kernel,

@@ -134,7 +134,7 @@ fn optimal_against_quadratic_dp() {
         (700, 16),
         (2000, 4),
         (2000, 33),
-        (1500, 256),
+        (800, 256),
     ] {
         let x = data(&mut rng, n, 2.0, 0.01, false);
         let f = optimal_1d(&x, k).unwrap();

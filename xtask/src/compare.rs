@@ -8,10 +8,12 @@
 //! compared with ours code for code. Each kernel is measured in 3 alternating rounds (peers,
 //! ours) and each side reports its median, which tames this shared machine's drift.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::{json, Value};
+
+use crate::util::{cpu_model, git_revision, peer_python, root, run, utc_stamp, write_atomic};
 
 const KERNELS: [&str; 4] = [
     "quantize",
@@ -26,57 +28,6 @@ const CHANNELS: usize = 64;
 const SEED: u64 = 20_261_126;
 /// Alternating measurement rounds per kernel and size; the table shows each side's median.
 const ROUNDS: usize = 3;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn run(cmd: &mut Command) -> Result<String, String> {
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{cmd:?} failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The peers' Python: target/peers-venv with onnxruntime, onnx and numpy, made on first use.
-fn peer_python(root: &Path) -> Result<PathBuf, String> {
-    let venv = root.join("target/peers-venv");
-    let python = venv.join("bin/python");
-    let ready = python.exists()
-        && Command::new(&python)
-            .args(["-c", "import onnxruntime, onnx, numpy"])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-    if !ready {
-        eprintln!(
-            "[compare] creating {} and installing onnxruntime, onnx, numpy with pip",
-            venv.display()
-        );
-        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
-        run(Command::new(&python).args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "onnxruntime",
-            "onnx",
-            "numpy",
-        ]))?;
-    }
-    Ok(python)
-}
 
 /// Seeded N(0, 1.5^2) data (SplitMix64 + Box-Muller).
 fn data(n: usize) -> Vec<f32> {
@@ -96,44 +47,16 @@ fn data(n: usize) -> Vec<f32> {
         .collect()
 }
 
-fn utc_stamp() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // civil-from-days (proleptic Gregorian)
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + (m <= 2) as i64;
-    format!(
-        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
-
 pub fn main(args: &[String]) -> Result<(), String> {
-    if args.first().map(String::as_str) != Some("quantize") {
-        return Err("usage: cargo xtask compare quantize [--sizes N,N,...] [--out DIR]".into());
+    match args.first().map(String::as_str) {
+        Some("quantize") => {}
+        Some("kmeans") => return crate::compare_kmeans::main(&args[1..]),
+        _ => {
+            return Err(
+                "usage: cargo xtask compare (quantize | kmeans) [--sizes N,N,...] [--out DIR]"
+                    .into(),
+            )
+        }
     }
     let mut sizes = DEFAULT_SIZES.to_vec();
     let root = root();
@@ -297,21 +220,15 @@ pub fn main(args: &[String]) -> Result<(), String> {
         }
     }
     let stamp = utc_stamp();
-    let sha = run(Command::new("git")
-        .current_dir(&root)
-        .args(["describe", "--always", "--dirty"]))
-    .unwrap_or_default();
+    let sha = git_revision(&root);
     let path = out_dir.join(format!("quantize-{stamp}.jsonl"));
     let body: String = records.iter().map(|r| format!("{r}\n")).collect();
     let meta = json!({
-        "task": "compare quantize", "utc": stamp, "git": sha.trim(), "cpu": cpu_model(),
+        "task": "compare quantize", "utc": stamp, "git": sha, "cpu": cpu_model(),
         "data": format!("N(0, 1.5^2), seed {SEED}"), "scale": SCALE, "zero_point": ZERO_POINT, "channels": CHANNELS,
     });
-    let tmp = path.with_extension("partial");
-    std::fs::write(&tmp, body).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
-    std::fs::write(path.with_extension("meta.json"), format!("{meta:#}\n"))
-        .map_err(|e| e.to_string())?;
+    write_atomic(&path, &body)?;
+    write_atomic(&path.with_extension("meta.json"), &format!("{meta:#}\n"))?;
     println!("\nwrote {}", path.display());
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! `cargo xtask <task>`: the project's automation, in Rust (no shell scripts). One file per task.
 
 mod compare;
+mod compare_kmeans;
+mod util;
 
 use std::process::ExitCode;
 
@@ -11,6 +13,9 @@ tasks:
       time quantbench's quantize/dequantize (per tensor and per channel, 1 thread) against
       ONNX Runtime and numpy on the same data, in one run; installs the peers with pip into
       target/peers-venv when missing; prints a table and writes JSON lines under results/compare/
+  compare kmeans [--sizes N,...] [--ks K,...] [--dists gaussian,laplacian] [--out DIR]
+      time quantbench's exact 1-D k-means against scikit-learn's KMeans (one thread each) on
+      the same seeded data; reports time, SSE and the peer's gap to the optimum
   run EXPERIMENT.toml
       the experiment runner (models x methods x bitwidths) arrives with the harness issue;
       until then this task exits with an error saying so";

@@ -300,6 +300,21 @@ pub fn optimal_1d_per_channel(
     channel_values.iter().map(|v| optimal_1d(v, k)).collect()
 }
 
+/// Errors unless every index is below `k` (a max-reduction the compiler vectorises; the
+/// position is searched only to report an error).
+fn check_indices(idx: &[u8], k: usize) -> Result<(), KernelError> {
+    if k >= 256 || (idx.iter().fold(0u8, |m, &i| m.max(i)) as usize) < k {
+        return Ok(());
+    }
+    let pos = idx.iter().position(|&i| i as usize >= k).unwrap_or(0);
+    Err(KernelError::Range {
+        message: format!(
+            "index {} at position {pos} is outside a codebook of {k} centroids",
+            idx[pos]
+        ),
+    })
+}
+
 /// Matches on the ISA like `linear::dispatch!`, for this module's functions.
 macro_rules! dispatch_kmeans {
     ($k:expr, $f:ident ($($arg:expr),*)) => {
@@ -341,17 +356,7 @@ impl Kernels {
         out: &mut [f32],
     ) -> Result<(), KernelError> {
         check_len("kmeans_decode output", idx.len(), out.len())?;
-        let k = codebook.len();
-        if k < 256 {
-            if let Some(pos) = idx.iter().position(|&i| i as usize >= k) {
-                return Err(KernelError::Range {
-                    message: format!(
-                        "index {} at position {pos} is outside a codebook of {k} centroids",
-                        idx[pos]
-                    ),
-                });
-            }
-        }
+        check_indices(idx, codebook.len())?;
         dispatch_kmeans!(self, decode(idx, codebook, out));
         Ok(())
     }
@@ -371,14 +376,7 @@ pub fn centroid_gradients(
             message: format!("k = {k} clusters: expected 1..={MAX_CLUSTERS}"),
         });
     }
-    if let Some(pos) = idx.iter().position(|&i| i as usize >= k) {
-        return Err(KernelError::Range {
-            message: format!(
-                "index {} at position {pos} is outside a codebook of {k} centroids",
-                idx[pos]
-            ),
-        });
-    }
+    check_indices(idx, k)?;
     let mut sums = vec![0f64; k];
     let mut counts = vec![0u64; k];
     for (&g, &i) in grads.iter().zip(idx) {

@@ -1,0 +1,175 @@
+//! `cargo xtask compare kmeans`: quantbench's exact 1-D k-means against scikit-learn's KMeans
+//! (lloyd, k-means++ init, n_init=1, seed 0), in one run, on the same seeded data, one thread
+//! each (`OMP_NUM_THREADS=1` for the peer). Reports time and SSE of both; ours is the optimum.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::{json, Value};
+
+use crate::util::{cpu_model, git_revision, peer_python, root, run, utc_stamp, write_atomic};
+
+const SEED: u64 = 20_261_127;
+
+/// Seeded samples: "gaussian" N(0, 1) or "laplacian" Laplace(0, 1).
+fn data(dist: &str, n: usize) -> Vec<f32> {
+    let mut s = SEED ^ if dist == "gaussian" { 0 } else { 0xA5A5 };
+    let mut next = || {
+        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    (0..n)
+        .map(|_| {
+            let (u, v) = (next().max(1e-300), next());
+            if dist == "gaussian" {
+                ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+            } else {
+                let c = v - 0.5;
+                (-c.signum() * (1.0 - 2.0 * c.abs()).max(1e-300).ln()) as f32
+            }
+        })
+        .collect()
+}
+
+fn list<T: std::str::FromStr>(flag: &str, v: Option<&String>) -> Result<Vec<T>, String> {
+    v.ok_or(format!("{flag} needs a value"))?
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse::<T>()
+                .map_err(|_| format!("{flag}: '{s}' is not valid"))
+        })
+        .collect()
+}
+
+pub fn main(args: &[String]) -> Result<(), String> {
+    let root = root();
+    let mut sizes = vec![270_000usize];
+    let mut ks = vec![4usize, 16, 256];
+    let mut dists = vec!["gaussian".to_string(), "laplacian".to_string()];
+    let mut out_dir = root.join("results/compare");
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--sizes" => sizes = list("--sizes", it.next())?,
+            "--ks" => ks = list("--ks", it.next())?,
+            "--dists" => {
+                dists = list("--dists", it.next())?;
+                if let Some(bad) = dists.iter().find(|d| *d != "gaussian" && *d != "laplacian") {
+                    return Err(format!("--dists: '{bad}' is not gaussian or laplacian"));
+                }
+            }
+            "--out" => out_dir = PathBuf::from(it.next().ok_or("--out needs a value")?),
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    let python = peer_python(&root)?;
+    eprintln!("[compare] building quantbench (release)");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(&cargo).current_dir(&root).args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "quantbench",
+    ]))?;
+    let quantbench = root.join("target/release/quantbench");
+    let work = root.join("target/compare");
+    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+
+    println!(
+        "{:<10} {:>9} {:>4} {:>10} {:>14}  {:<20} {:>10} {:>14} {:>9} {:>8}",
+        "dist", "n", "k", "ours s", "ours SSE", "peer", "peer s", "peer SSE", "peer gap", "speedup"
+    );
+    let mut records = Vec::new();
+    for dist in &dists {
+        for &n in &sizes {
+            let npy = work.join(format!("kmeans_{dist}_{n}.npy"));
+            quantbench::npy::write_f32(&npy, &[n], &data(dist, n))?;
+            for &k in &ks {
+                eprintln!("[compare] kmeans {dist} n={n} k={k}");
+                let ours = run(Command::new(&quantbench)
+                    .arg("bench-kmeans")
+                    .arg("--npy")
+                    .arg(&npy)
+                    .args(["--k", &k.to_string()]));
+                let ours: Result<Value, String> =
+                    ours.and_then(|o| serde_json::from_str(o.trim()).map_err(|e| e.to_string()));
+                let peer: Value = serde_json::from_str(
+                    run(Command::new(&python)
+                        .arg(root.join("xtask/peers/compare_kmeans.py"))
+                        .arg("--npy")
+                        .arg(&npy)
+                        .args(["--k", &k.to_string()])
+                        .env("OMP_NUM_THREADS", "1")
+                        .env_remove("OPENBLAS_CORETYPE")
+                        .env_remove("OPENBLAS_L2_SIZE"))?
+                    .trim(),
+                )
+                .map_err(|e| format!("peer output: {e}"))?;
+                let (peer_s, peer_sse) = (
+                    peer["peer_s"].as_f64().unwrap_or(f64::NAN),
+                    peer["peer_sse"].as_f64().unwrap_or(f64::NAN),
+                );
+                let rec = match &ours {
+                    Ok(o) => {
+                        let (s, sse) = (
+                            o["ours_s"].as_f64().unwrap(),
+                            o["ours_sse"].as_f64().unwrap(),
+                        );
+                        json!({"kernel": "kmeans_exact", "n": n, "k": k, "dist": dist, "ours_s": s, "ours_sse": sse,
+                               "peer": peer["peer"], "peer_s": peer_s, "peer_sse": peer_sse, "optimal_sse": sse, "speedup": peer_s / s})
+                    }
+                    Err(e) => {
+                        json!({"kernel": "kmeans_exact", "n": n, "k": k, "dist": dist, "ours_s": null, "ours_sse": null,
+                                     "ours_error": e.lines().last().unwrap_or(""), "peer": peer["peer"], "peer_s": peer_s,
+                                     "peer_sse": peer_sse, "optimal_sse": null, "speedup": null})
+                    }
+                };
+                let gap = rec["optimal_sse"]
+                    .as_f64()
+                    .map(|o| format!("{:+.3}%", (peer_sse / o - 1.0) * 100.0))
+                    .unwrap_or("-".into());
+                println!(
+                    "{:<10} {:>9} {:>4} {:>10} {:>14}  {:<20} {:>10.3} {:>14.6e} {:>9} {:>8}",
+                    dist,
+                    n,
+                    k,
+                    rec["ours_s"]
+                        .as_f64()
+                        .map(|v| format!("{v:.3}"))
+                        .unwrap_or("refused".into()),
+                    rec["ours_sse"]
+                        .as_f64()
+                        .map(|v| format!("{v:.6e}"))
+                        .unwrap_or("-".into()),
+                    peer["peer"].as_str().unwrap_or("?"),
+                    peer_s,
+                    peer_sse,
+                    gap,
+                    rec["speedup"]
+                        .as_f64()
+                        .map(|v| format!("{v:.2}x"))
+                        .unwrap_or("-".into()),
+                );
+                if let Some(e) = rec.get("ours_error") {
+                    println!("           ours: {}", e.as_str().unwrap_or(""));
+                }
+                records.push(rec);
+            }
+        }
+    }
+    let stamp = utc_stamp();
+    let path = out_dir.join(format!("kmeans-{stamp}.jsonl"));
+    let body: String = records.iter().map(|r| format!("{r}\n")).collect();
+    write_atomic(&path, &body)?;
+    let meta = json!({"task": "compare kmeans", "utc": stamp, "git": git_revision(&root), "cpu": cpu_model(),
+                      "data_seed": SEED, "threads": 1, "peer_settings": "lloyd, k-means++, n_init=1, random_state=0, OMP_NUM_THREADS=1"});
+    write_atomic(&path.with_extension("meta.json"), &format!("{meta:#}\n"))?;
+    println!("\nwrote {}", path.display());
+    Ok(())
+}
