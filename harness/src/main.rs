@@ -41,6 +41,10 @@ enum Command {
         /// kmeans: number of clusters, 1..=256 (codes take ceil(log2 K) bits).
         #[arg(long)]
         clusters: Option<usize>,
+        /// kmeans: the fast mode (histogram + exact DP over bins + Lloyd) instead of the exact
+        /// optimum; for tensors with millions of values.
+        #[arg(long)]
+        fast: bool,
         /// Linear: zero point in the middle, scale from max |x|.
         #[arg(long)]
         symmetric: bool,
@@ -99,6 +103,9 @@ enum Command {
         npy: PathBuf,
         #[arg(long)]
         k: usize,
+        /// exact | fast
+        #[arg(long, default_value = "exact")]
+        mode: String,
     },
 }
 
@@ -145,6 +152,7 @@ fn run(cli: Cli) -> Result<(), String> {
             method,
             bits,
             clusters,
+            fast,
             symmetric,
             unsigned,
             frac_bits,
@@ -179,6 +187,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 },
                 bits,
                 clusters,
+                kmeans_fast: fast,
                 symmetric,
                 unsigned,
                 frac_bits,
@@ -200,14 +209,22 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             println!("active: {} ({} to force)", k.isa(), isa::ISA_ENV);
         }
-        Command::BenchKmeans { npy, k } => {
+        Command::BenchKmeans {
+            npy,
+            k: clusters,
+            mode,
+        } => {
             let a = quantbench::npy::read_f32(&npy)?;
             let start = std::time::Instant::now();
-            let fit =
-                quantbench_kernels::kmeans::optimal_1d(&a.data, k).map_err(|e| e.to_string())?;
+            let fit = match mode.as_str() {
+                "exact" => quantbench_kernels::kmeans::optimal_1d(&a.data, clusters),
+                "fast" => k.kmeans_fast(&a.data, clusters),
+                other => return Err(format!("--mode {other}: expected exact or fast")),
+            }
+            .map_err(|e| e.to_string())?;
             let seconds = start.elapsed().as_secs_f64();
             let rec = serde_json::json!({
-                "n": a.data.len(), "k": k, "mode": "exact", "threads": 1,
+                "n": a.data.len(), "k": clusters, "mode": mode, "threads": 1, "isa": k.isa().name(),
                 "ours_s": seconds, "ours_sse": fit.sse, "centroids": fit.codebook.len(),
             });
             print_line(&rec.to_string())?;

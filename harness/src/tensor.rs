@@ -39,6 +39,8 @@ pub struct TensorRequest {
     pub bits: Option<u32>,
     /// k-means: number of clusters (codes take `ceil(log2 k)` bits).
     pub clusters: Option<usize>,
+    /// k-means: the fast mode instead of the exact optimum.
+    pub kmeans_fast: bool,
     pub symmetric: bool,
     pub unsigned: bool,
     pub frac_bits: Option<i32>,
@@ -79,6 +81,7 @@ pub fn run(req: &TensorRequest, k: &Kernels) -> Result<Value, String> {
     let (q, bits) = match (req.method, req.bits, req.clusters) {
         (TensorMethod::KMeans, bits, clusters) => kmeans(req, k, layout, bits, clusters)?,
         (_, _, Some(_)) => return Err("--clusters applies to --method kmeans".into()),
+        _ if req.kmeans_fast => return Err("--fast applies to --method kmeans".into()),
         (_, None, None) => return Err(format!("--method {} needs --bits N", req.method.name())),
         (TensorMethod::Linear, Some(b), None) => (linear(req, k, layout, b)?, b),
         (_, Some(b), None) => (fixed(req, k, layout, b)?, b),
@@ -293,9 +296,20 @@ fn kmeans(
     // values than k leave unused entries)
     let index_bits = (clusters as u32).next_power_of_two().trailing_zeros();
     let x = &req.values;
-    let fits = match &layout {
-        Some(l) => kmeans::optimal_1d_per_channel(x, l, clusters),
-        None => kmeans::optimal_1d(x, clusters).map(|f| vec![f]),
+    let fits = match (&layout, req.kmeans_fast) {
+        (Some(l), false) => kmeans::optimal_1d_per_channel(x, l, clusters),
+        (None, false) => kmeans::optimal_1d(x, clusters).map(|f| vec![f]),
+        (Some(l), true) => {
+            let mut channel_values: Vec<Vec<f32>> = vec![Vec::new(); l.channels];
+            for (s, c) in l.runs() {
+                channel_values[c].extend_from_slice(&x[s..s + l.inner]);
+            }
+            channel_values
+                .iter()
+                .map(|v| k.kmeans_fast(v, clusters))
+                .collect()
+        }
+        (None, true) => k.kmeans_fast(x, clusters).map(|f| vec![f]),
     }
     .map_err(|e| e.to_string())?;
     let mut idx = vec![0u8; x.len()];
@@ -320,6 +334,7 @@ fn kmeans(
     };
     let params = json!({
         "granularity": if layout.is_some() { "per_channel" } else { "per_tensor" },
+        "mode": if req.kmeans_fast { "fast" } else { "exact" },
         "clusters": clusters,
         "index_bits": index_bits,
         "codebook": pick(&|f| json!(f.codebook.centroids())),
@@ -374,6 +389,7 @@ mod tests {
             method,
             bits: Some(bits),
             clusters: None,
+            kmeans_fast: false,
             symmetric: false,
             unsigned: false,
             frac_bits: None,

@@ -1,6 +1,7 @@
-//! `cargo xtask compare kmeans`: quantbench's exact 1-D k-means against scikit-learn's KMeans
-//! (lloyd, k-means++ init, n_init=1, seed 0), in one run, on the same seeded data, one thread
-//! each (`OMP_NUM_THREADS=1` for the peer). Reports time and SSE of both; ours is the optimum.
+//! `cargo xtask compare kmeans`: quantbench's exact and fast 1-D k-means against
+//! scikit-learn's KMeans (lloyd, k-means++ init, n_init=1, seed 0), in one run, on the same
+//! seeded data, one thread each (`OMP_NUM_THREADS=1` for the peer). Reports times and each
+//! SSE's gap to the exact optimum.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -10,6 +11,9 @@ use serde_json::{json, Value};
 use crate::util::{cpu_model, git_revision, peer_python, root, run, utc_stamp, write_atomic};
 
 const SEED: u64 = 20_261_127;
+/// Above this many values the exact mode is not run by the comparison (its traceback and
+/// time grow with n * k); the fast mode always runs.
+const EXACT_MAX_N: usize = 2_000_000;
 
 /// Seeded samples: "gaussian" N(0, 1) or "laplacian" Laplace(0, 1).
 fn data(dist: &str, n: usize) -> Vec<f32> {
@@ -82,9 +86,10 @@ pub fn main(args: &[String]) -> Result<(), String> {
     std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
 
     println!(
-        "{:<10} {:>9} {:>4} {:>10} {:>14}  {:<20} {:>10} {:>14} {:>9} {:>8}",
-        "dist", "n", "k", "ours s", "ours SSE", "peer", "peer s", "peer SSE", "peer gap", "speedup"
+        "{:<12} {:<10} {:>9} {:>4} {:>9} {:>10}  {:<20} {:>9} {:>9} {:>8}",
+        "kernel", "dist", "n", "k", "ours s", "ours gap", "peer", "peer s", "peer gap", "speedup"
     );
+    println!("(gap: SSE above the exact optimum, when the exact mode ran)");
     let mut records = Vec::new();
     for dist in &dists {
         for &n in &sizes {
@@ -92,13 +97,20 @@ pub fn main(args: &[String]) -> Result<(), String> {
             quantbench::npy::write_f32(&npy, &[n], &data(dist, n))?;
             for &k in &ks {
                 eprintln!("[compare] kmeans {dist} n={n} k={k}");
-                let ours = run(Command::new(&quantbench)
-                    .arg("bench-kmeans")
-                    .arg("--npy")
-                    .arg(&npy)
-                    .args(["--k", &k.to_string()]));
-                let ours: Result<Value, String> =
-                    ours.and_then(|o| serde_json::from_str(o.trim()).map_err(|e| e.to_string()));
+                let ours = |mode: &str| -> Result<Value, String> {
+                    let out = run(Command::new(&quantbench)
+                        .arg("bench-kmeans")
+                        .arg("--npy")
+                        .arg(&npy)
+                        .args(["--k", &k.to_string(), "--mode", mode]))?;
+                    serde_json::from_str(out.trim()).map_err(|e| e.to_string())
+                };
+                let exact = if n <= EXACT_MAX_N {
+                    ours("exact")
+                } else {
+                    Err(format!("not run: n > {EXACT_MAX_N}"))
+                };
+                let fast = ours("fast");
                 let peer: Value = serde_json::from_str(
                     run(Command::new(&python)
                         .arg(root.join("xtask/peers/compare_kmeans.py"))
@@ -115,51 +127,53 @@ pub fn main(args: &[String]) -> Result<(), String> {
                     peer["peer_s"].as_f64().unwrap_or(f64::NAN),
                     peer["peer_sse"].as_f64().unwrap_or(f64::NAN),
                 );
-                let rec = match &ours {
-                    Ok(o) => {
-                        let (s, sse) = (
-                            o["ours_s"].as_f64().unwrap(),
-                            o["ours_sse"].as_f64().unwrap(),
-                        );
-                        json!({"kernel": "kmeans_exact", "n": n, "k": k, "dist": dist, "ours_s": s, "ours_sse": sse,
-                               "peer": peer["peer"], "peer_s": peer_s, "peer_sse": peer_sse, "optimal_sse": sse, "speedup": peer_s / s})
+                let optimal = exact.as_ref().ok().and_then(|o| o["ours_sse"].as_f64());
+                for (kernel, res) in [("kmeans_exact", &exact), ("kmeans_fast", &fast)] {
+                    let rec = match res {
+                        Ok(o) => {
+                            let (s, sse) = (
+                                o["ours_s"].as_f64().unwrap(),
+                                o["ours_sse"].as_f64().unwrap(),
+                            );
+                            json!({"kernel": kernel, "n": n, "k": k, "dist": dist, "ours_s": s, "ours_sse": sse,
+                                   "peer": peer["peer"], "peer_s": peer_s, "peer_sse": peer_sse, "optimal_sse": optimal,
+                                   "speedup": peer_s / s})
+                        }
+                        Err(e) => {
+                            json!({"kernel": kernel, "n": n, "k": k, "dist": dist, "ours_s": null, "ours_sse": null,
+                                         "ours_error": e.lines().last().unwrap_or(""), "peer": peer["peer"], "peer_s": peer_s,
+                                         "peer_sse": peer_sse, "optimal_sse": optimal, "speedup": null})
+                        }
+                    };
+                    let gap = |v: f64| {
+                        optimal
+                            .map(|o| format!("{:+.4}%", (v / o - 1.0) * 100.0))
+                            .unwrap_or("-".into())
+                    };
+                    println!(
+                        "{:<12} {:<10} {:>9} {:>4} {:>9} {:>10}  {:<20} {:>9.3} {:>9} {:>8}",
+                        kernel,
+                        dist,
+                        n,
+                        k,
+                        rec["ours_s"]
+                            .as_f64()
+                            .map(|v| format!("{v:.3}"))
+                            .unwrap_or("-".into()),
+                        rec["ours_sse"].as_f64().map(gap).unwrap_or("-".into()),
+                        peer["peer"].as_str().unwrap_or("?"),
+                        peer_s,
+                        gap(peer_sse),
+                        rec["speedup"]
+                            .as_f64()
+                            .map(|v| format!("{v:.2}x"))
+                            .unwrap_or("-".into()),
+                    );
+                    if let Some(e) = rec.get("ours_error") {
+                        println!("             ours: {}", e.as_str().unwrap_or(""));
                     }
-                    Err(e) => {
-                        json!({"kernel": "kmeans_exact", "n": n, "k": k, "dist": dist, "ours_s": null, "ours_sse": null,
-                                     "ours_error": e.lines().last().unwrap_or(""), "peer": peer["peer"], "peer_s": peer_s,
-                                     "peer_sse": peer_sse, "optimal_sse": null, "speedup": null})
-                    }
-                };
-                let gap = rec["optimal_sse"]
-                    .as_f64()
-                    .map(|o| format!("{:+.3}%", (peer_sse / o - 1.0) * 100.0))
-                    .unwrap_or("-".into());
-                println!(
-                    "{:<10} {:>9} {:>4} {:>10} {:>14}  {:<20} {:>10.3} {:>14.6e} {:>9} {:>8}",
-                    dist,
-                    n,
-                    k,
-                    rec["ours_s"]
-                        .as_f64()
-                        .map(|v| format!("{v:.3}"))
-                        .unwrap_or("refused".into()),
-                    rec["ours_sse"]
-                        .as_f64()
-                        .map(|v| format!("{v:.6e}"))
-                        .unwrap_or("-".into()),
-                    peer["peer"].as_str().unwrap_or("?"),
-                    peer_s,
-                    peer_sse,
-                    gap,
-                    rec["speedup"]
-                        .as_f64()
-                        .map(|v| format!("{v:.2}x"))
-                        .unwrap_or("-".into()),
-                );
-                if let Some(e) = rec.get("ours_error") {
-                    println!("           ours: {}", e.as_str().unwrap_or(""));
+                    records.push(rec);
                 }
-                records.push(rec);
             }
         }
     }

@@ -161,6 +161,19 @@ impl Prefix {
         Prefix { w, s1, s2 }
     }
 
+    /// Prefix sums of per-bin `(weight, sum of d, sum of d^2)` with `d` measured from any
+    /// common reference (the cost formula does not depend on it).
+    fn from_bins(bins: &[[f64; 3]]) -> Prefix {
+        let m = bins.len();
+        let (mut w, mut s1, mut s2) = (vec![0.0; m + 1], vec![0.0; m + 1], vec![0.0; m + 1]);
+        for (i, b) in bins.iter().enumerate() {
+            w[i + 1] = w[i] + b[0];
+            s1[i + 1] = s1[i] + b[1];
+            s2[i + 1] = s2[i] + b[2];
+        }
+        Prefix { w, s1, s2 }
+    }
+
     /// SSE of the cluster made of distinct values `i..j` (0-based, `i < j`).
     #[inline]
     fn cost(&self, i: usize, j: usize) -> f64 {
@@ -297,6 +310,119 @@ pub fn optimal_1d(x: &[f32], k: usize) -> Result<KMeansFit, KernelError> {
     let codebook = Codebook::new(centroids)?;
     let sse = sse(x, &codebook);
     Ok(KMeansFit { codebook, sse })
+}
+
+/// Histogram bins of the fast mode.
+pub const FAST_BINS: usize = 1 << 16;
+/// Lloyd iterations of the fast mode at most (it stops earlier when no centroid moves).
+pub const FAST_LLOYD_ITERS: usize = 2;
+
+/// Per-cluster `(count, sum of d, sum of d^2)`, `d = x - reference`, over the finite values.
+fn cluster_sums(x: &[f32], idx: &[u8], k: usize, reference: f64) -> Vec<[f64; 3]> {
+    let mut acc = vec![[0f64; 3]; k];
+    for (&v, &i) in x.iter().zip(idx) {
+        if v.is_finite() {
+            let d = v as f64 - reference;
+            let a = &mut acc[i as usize];
+            a[0] += 1.0;
+            a[1] += d;
+            a[2] += d * d;
+        }
+    }
+    acc
+}
+
+impl Kernels {
+    /// Fast 1-D k-means for large tensors: one pass builds a histogram of [`FAST_BINS`] equal
+    /// bins holding each bin's count, sum and sum of squares; the exact dynamic program over
+    /// the non-empty bins gives the optimal clustering that keeps every bin whole (its SSE is
+    /// exact for the real values, not for bin centres); then at most [`FAST_LLOYD_ITERS`] Lloyd
+    /// iterations over all values (assignment on this handle's ISA) let boundaries move inside
+    /// bins. Each step never increases the SSE. No sort, O(n) passes plus O(k m log m) for
+    /// m <= 65,536 bins. Gap to the optimum: measured, not proven; the tests bound it at
+    /// 0.5 % on Gaussian, Laplacian, uniform and mixture samples (see the README).
+    pub fn kmeans_fast(&self, x: &[f32], k: usize) -> Result<KMeansFit, KernelError> {
+        if !(1..=MAX_CLUSTERS).contains(&k) {
+            return Err(KernelError::Range {
+                message: format!("k = {k} clusters: expected 1..={MAX_CLUSTERS}"),
+            });
+        }
+        let Some((lo, hi)) = self.min_max(x) else {
+            return Ok(KMeansFit {
+                codebook: Codebook::new(vec![0.0])?,
+                sse: 0.0,
+            });
+        };
+        if lo == hi {
+            return Ok(KMeansFit {
+                codebook: Codebook::new(vec![lo])?,
+                sse: 0.0,
+            });
+        }
+        let reference = (lo as f64 + hi as f64) / 2.0;
+        let scale = FAST_BINS as f64 / (hi as f64 - lo as f64);
+        let mut bins = vec![[0f64; 3]; FAST_BINS];
+        for &v in x {
+            if v.is_finite() {
+                let b = (((v as f64 - lo as f64) * scale) as usize).min(FAST_BINS - 1);
+                let d = v as f64 - reference;
+                let e = &mut bins[b];
+                e[0] += 1.0;
+                e[1] += d;
+                e[2] += d * d;
+            }
+        }
+        let bins: Vec<[f64; 3]> = bins.into_iter().filter(|b| b[0] > 0.0).collect();
+        let m = bins.len();
+        let kk = k.min(m);
+        let p = Prefix::from_bins(&bins);
+        let starts = optimal_partition(&p, m, kk)?;
+        let mut centroids: Vec<f32> = (0..kk)
+            .map(|c| {
+                let (i, j) = (starts[c], if c + 1 < kk { starts[c + 1] } else { m });
+                let (w, s) = (p.w[j] - p.w[i], p.s1[j] - p.s1[i]);
+                (reference + s / w) as f32
+            })
+            .collect();
+        let mut idx = vec![0u8; x.len()];
+        for _ in 0..FAST_LLOYD_ITERS {
+            let cb = Codebook::new(centroids.clone())?;
+            self.kmeans_assign(x, &cb, &mut idx)?;
+            let sums = cluster_sums(x, &idx, cb.len(), reference);
+            let next: Vec<f32> = cb
+                .centroids()
+                .iter()
+                .zip(&sums)
+                .map(|(&c, a)| {
+                    if a[0] > 0.0 {
+                        (reference + a[1] / a[0]) as f32
+                    } else {
+                        c
+                    }
+                })
+                .collect();
+            let moved = next != cb.centroids();
+            centroids = next;
+            if !moved {
+                break;
+            }
+        }
+        let codebook = Codebook::new(centroids)?;
+        // SSE of the final centroids over the final assignment (a Lloyd step's assignment is
+        // nearest for the centroids it produced only at convergence: recompute if needed)
+        self.kmeans_assign(x, &codebook, &mut idx)?;
+        let sums = cluster_sums(x, &idx, codebook.len(), reference);
+        let sse = codebook
+            .centroids()
+            .iter()
+            .zip(&sums)
+            .map(|(&c, a)| {
+                let off = c as f64 - reference;
+                (a[2] - 2.0 * off * a[1] + a[0] * off * off).max(0.0)
+            })
+            .sum();
+        Ok(KMeansFit { codebook, sse })
+    }
 }
 
 /// Sum of squared distances of the finite values of `x` to their nearest centroid (f64).
