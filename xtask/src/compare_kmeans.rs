@@ -8,7 +8,7 @@ use std::process::Command;
 
 use serde_json::{json, Value};
 
-use crate::util::{cpu_model, git_revision, peer_python, root, run, utc_stamp, write_atomic};
+use crate::util::{cpu_model, git_revision, root, run, setup, utc_stamp, write_atomic, Setup};
 
 const SEED: u64 = 20_261_127;
 /// Above this many values the exact mode is not run by the comparison (its traceback and
@@ -70,20 +70,11 @@ pub fn main(args: &[String]) -> Result<(), String> {
             other => return Err(format!("unknown option {other}")),
         }
     }
-    let python = peer_python(&root)?;
-    eprintln!("[compare] building quantbench (release)");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run(Command::new(&cargo).current_dir(&root).args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "quantbench",
-    ]))?;
-    let quantbench = root.join("target/release/quantbench");
-    let work = root.join("target/compare");
-    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
-    std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+    let Setup {
+        python,
+        quantbench,
+        work,
+    } = setup(&root, &out_dir)?;
 
     println!(
         "{:<12} {:<10} {:>9} {:>4} {:>9} {:>10}  {:<20} {:>9} {:>9} {:>8}",

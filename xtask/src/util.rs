@@ -105,3 +105,33 @@ pub fn write_atomic(path: &Path, body: &str) -> Result<(), String> {
     std::fs::write(&tmp, body).map_err(|e| format!("{}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
 }
+
+/// What every comparison needs: the peers' Python, a release build of `quantbench`, and the
+/// scratch (`target/compare`) and output folders.
+pub struct Setup {
+    pub python: PathBuf,
+    pub quantbench: PathBuf,
+    pub work: PathBuf,
+}
+
+pub fn setup(root: &Path, out_dir: &Path) -> Result<Setup, String> {
+    let python = peer_python(root)?;
+    eprintln!("[compare] building quantbench (release)");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(&cargo).current_dir(root).args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "quantbench",
+    ]))?;
+    let work = root.join("target/compare");
+    for dir in [&work, &out_dir.to_path_buf()] {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    Ok(Setup {
+        python,
+        quantbench: root.join("target/release/quantbench"),
+        work,
+    })
+}

@@ -28,7 +28,7 @@ mod x86_avx512;
 
 use crate::error::{check_len, KernelError};
 use crate::isa::Kernels;
-use crate::linear::ChannelLayout;
+use crate::linear::{dispatch, ChannelLayout};
 
 /// Largest codebook: indices are stored in `u8`.
 pub const MAX_CLUSTERS: usize = 256;
@@ -465,26 +465,6 @@ fn check_indices(idx: &[u8], k: usize) -> Result<(), KernelError> {
     })
 }
 
-/// Matches on the ISA like `linear::dispatch!`, for this module's functions.
-macro_rules! dispatch_kmeans {
-    ($k:expr, $f:ident ($($arg:expr),*)) => {
-        match $k.dispatch() {
-            crate::isa::Isa::Scalar => scalar::$f($($arg),*),
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: Kernels::new/active only hold ISAs the CPU supports.
-            crate::isa::Isa::Avx2 => unsafe { x86_avx2::$f($($arg),*) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
-            crate::isa::Isa::Avx512 => unsafe { x86_avx512::$f($($arg),*) },
-            #[cfg(target_arch = "aarch64")]
-            // SAFETY: as above.
-            crate::isa::Isa::Neon => unsafe { aarch64_neon::$f($($arg),*) },
-            #[allow(unreachable_patterns)]
-            isa => unreachable!("Kernels holds {isa}, which this build cannot run"),
-        }
-    };
-}
-
 impl Kernels {
     /// `out[i]` = index of the centroid nearest to `x[i]` (see [`scalar::assign_one`]).
     pub fn kmeans_assign(
@@ -494,7 +474,7 @@ impl Kernels {
         out: &mut [u8],
     ) -> Result<(), KernelError> {
         check_len("kmeans_assign output", x.len(), out.len())?;
-        dispatch_kmeans!(self, assign(x, codebook, out));
+        dispatch!(self, assign(x, codebook, out));
         Ok(())
     }
 
@@ -507,7 +487,7 @@ impl Kernels {
     ) -> Result<(), KernelError> {
         check_len("kmeans_decode output", idx.len(), out.len())?;
         check_indices(idx, codebook.len())?;
-        dispatch_kmeans!(self, decode(idx, codebook, out));
+        dispatch!(self, decode(idx, codebook, out));
         Ok(())
     }
 }
