@@ -148,6 +148,31 @@ fn benches(c: &mut Criterion) {
 /// the f32 side.
 fn kmeans_benches(c: &mut Criterion, isas: &[Isa]) {
     use quantbench_kernels::kmeans::Codebook;
+    // decode straight from 4-bit packed indices (k = 16)
+    {
+        let mut g = c.benchmark_group("kmeans_decode_packed4");
+        g.sample_size(20)
+            .warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_millis(1200));
+        let cb = Codebook::new((0..16).map(|j| j as f32 * 0.5 - 4.0).collect()).unwrap();
+        for n in [262_144usize, 16 << 20] {
+            let idx: Vec<u8> = (0..n).map(|i| (i * 7 % 16) as u8).collect();
+            let mut packed = vec![0u8; quantbench_kernels::pack::packed_len(n, 4)];
+            quantbench_kernels::pack::pack_bits(&idx, 4, &mut packed).unwrap();
+            let mut out = vec![0f32; n];
+            g.throughput(Throughput::Bytes(4 * n as u64));
+            for &isa in isas {
+                let kern = Kernels::new(isa).unwrap();
+                g.bench_function(BenchmarkId::new(isa.name(), format!("{n}/16")), |b| {
+                    b.iter(|| {
+                        kern.kmeans_decode_packed(black_box(&packed), 4, &cb, &mut out)
+                            .unwrap()
+                    })
+                });
+            }
+        }
+        g.finish();
+    }
     for (name, decode) in [("kmeans_assign", false), ("kmeans_decode", true)] {
         let mut g = c.benchmark_group(name);
         g.sample_size(20)

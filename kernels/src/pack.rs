@@ -58,6 +58,19 @@ pub fn pack_bits(fields: &[u8], bits: u32, out: &mut [u8]) -> Result<(), KernelE
 pub fn unpack_bits(packed: &[u8], bits: u32, out: &mut [u8]) -> Result<(), KernelError> {
     check_bits(bits)?;
     crate::error::check_len("packed input", packed_len(out.len(), bits), packed.len())?;
+    match bits {
+        // widths that divide a byte: fixed-shape loops the compiler vectorises
+        1 => unpack_fixed::<1>(packed, out),
+        2 => unpack_fixed::<2>(packed, out),
+        4 => unpack_fixed::<4>(packed, out),
+        8 => out.copy_from_slice(packed),
+        _ => unpack_any(packed, bits, out),
+    }
+    Ok(())
+}
+
+/// Unpacks fields of any width 1..=8 through a 64-bit accumulator; lengths already checked.
+fn unpack_any(packed: &[u8], bits: u32, out: &mut [u8]) {
     let mask = ((1u16 << bits) - 1) as u64;
     let mut acc: u64 = 0;
     let mut avail = 0u32;
@@ -71,7 +84,24 @@ pub fn unpack_bits(packed: &[u8], bits: u32, out: &mut [u8]) -> Result<(), Kerne
         acc >>= bits;
         avail -= bits;
     }
-    Ok(())
+}
+
+/// Unpacks `B`-bit fields (B divides 8); lengths already checked.
+fn unpack_fixed<const B: u32>(packed: &[u8], out: &mut [u8]) {
+    let per = (8 / B) as usize;
+    let mask = ((1u16 << B) - 1) as u8;
+    let whole = out.len() / per;
+    for (chunk, &b) in out[..whole * per]
+        .chunks_exact_mut(8 / B as usize)
+        .zip(packed)
+    {
+        for (j, o) in chunk.iter_mut().enumerate() {
+            *o = (b >> (j as u32 * B)) & mask;
+        }
+    }
+    for (j, o) in out[whole * per..].iter_mut().enumerate() {
+        *o = (packed[whole] >> (j as u32 * B)) & mask;
+    }
 }
 
 /// Packs codes of range `[qmin, qmin + 2^bits - 1]` (stored as `code - qmin`).

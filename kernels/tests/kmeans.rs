@@ -338,3 +338,53 @@ fn fast_mode_stays_within_its_bound() {
         }
     }
 }
+
+#[test]
+fn decode_from_packed_indices() {
+    use quantbench_kernels::pack::{pack_bits, packed_len};
+    let mut rng = Rng::new(36);
+    for bits in 1..=8u32 {
+        let k = (1usize << bits) - (bits as usize % 2); // full and not-full codebooks
+        let cb = codebook(&mut rng, k.max(1));
+        for n in [0usize, 1, 7, 8, 4095, 4096, 4097, 10_001] {
+            let idx: Vec<u8> = (0..n).map(|_| rng.below(cb.len() as u64) as u8).collect();
+            let mut packed = vec![0u8; packed_len(n, bits)];
+            pack_bits(&idx, bits, &mut packed).unwrap();
+            let mut want = vec![0f32; n];
+            Kernels::scalar()
+                .kmeans_decode(&idx, &cb, &mut want)
+                .unwrap();
+            for isa in isas() {
+                let mut got = vec![0f32; n];
+                Kernels::new(isa)
+                    .unwrap()
+                    .kmeans_decode_packed(&packed, bits, &cb, &mut got)
+                    .unwrap();
+                assert!(bits_eq(&want, &got), "{isa} bits={bits} n={n}");
+            }
+        }
+    }
+    // an index beyond the codebook is an error, not a wrong value
+    let cb = Codebook::new(vec![0.0, 1.0, 2.0]).unwrap();
+    let mut packed = [0u8; 1];
+    pack_bits(&[0, 3], 2, &mut packed).unwrap();
+    let e = Kernels::active()
+        .kmeans_decode_packed(&packed, 2, &cb, &mut [0.0; 2])
+        .unwrap_err();
+    assert!(e.to_string().contains("index 3 at position 1"), "{e}");
+    assert!(
+        Kernels::active()
+            .kmeans_decode_packed(&packed, 1, &cb, &mut [0.0; 2])
+            .is_err(),
+        "3 centroids need 2 bits"
+    );
+    // positions are absolute, past the first chunk too
+    let mut idx = vec![1u8; 5000];
+    idx[4500] = 3;
+    let mut packed = vec![0u8; 1250];
+    pack_bits(&idx, 2, &mut packed).unwrap();
+    let e = Kernels::active()
+        .kmeans_decode_packed(&packed, 2, &cb, &mut vec![0.0; 5000])
+        .unwrap_err();
+    assert!(e.to_string().contains("index 3 at position 4500"), "{e}");
+}

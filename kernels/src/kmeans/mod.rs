@@ -453,14 +453,20 @@ pub fn optimal_1d_per_channel(
 /// Errors unless every index is below `k` (a max-reduction the compiler vectorises; the
 /// position is searched only to report an error).
 fn check_indices(idx: &[u8], k: usize) -> Result<(), KernelError> {
+    check_indices_at(idx, k, 0)
+}
+
+/// [`check_indices`] for a chunk that starts at position `offset` of the whole index array.
+fn check_indices_at(idx: &[u8], k: usize, offset: usize) -> Result<(), KernelError> {
     if k >= 256 || (idx.iter().fold(0u8, |m, &i| m.max(i)) as usize) < k {
         return Ok(());
     }
     let pos = idx.iter().position(|&i| i as usize >= k).unwrap_or(0);
     Err(KernelError::Range {
         message: format!(
-            "index {} at position {pos} is outside a codebook of {k} centroids",
-            idx[pos]
+            "index {} at position {} is outside a codebook of {k} centroids",
+            idx[pos],
+            offset + pos
         ),
     })
 }
@@ -488,6 +494,46 @@ impl Kernels {
         check_len("kmeans_decode output", idx.len(), out.len())?;
         check_indices(idx, codebook.len())?;
         dispatch!(self, decode(idx, codebook, out));
+        Ok(())
+    }
+}
+
+/// Indices decoded per chunk by [`Kernels::kmeans_decode_packed`] (a multiple of 8, so every
+/// chunk starts on a byte boundary whatever the width).
+const PACKED_CHUNK: usize = 4096;
+
+impl Kernels {
+    /// Decodes bit-packed indices (the layout of [`crate::pack`], `bits` per index) straight
+    /// into centroids: chunks of 4096 indices are unpacked into a small buffer and decoded,
+    /// so no full-size index array is materialised. `out.len()` is the number of indices.
+    pub fn kmeans_decode_packed(
+        &self,
+        packed: &[u8],
+        bits: u32,
+        codebook: &Codebook,
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
+        if !(1..=8).contains(&bits) || codebook.len() > 1 << bits {
+            return Err(KernelError::Bits {
+                bits,
+                what: "packed k-means indices need 1..=8 bits and a codebook of at most 2^bits centroids",
+            });
+        }
+        check_len(
+            "packed indices",
+            crate::pack::packed_len(out.len(), bits),
+            packed.len(),
+        )?;
+        let mut idx = [0u8; PACKED_CHUNK];
+        let bytes_per_chunk = PACKED_CHUNK * bits as usize / 8;
+        for (c, out_chunk) in out.chunks_mut(PACKED_CHUNK).enumerate() {
+            let n = out_chunk.len();
+            let start = c * bytes_per_chunk;
+            let src = &packed[start..start + crate::pack::packed_len(n, bits)];
+            crate::pack::unpack_bits(src, bits, &mut idx[..n])?;
+            check_indices_at(&idx[..n], codebook.len(), c * PACKED_CHUNK)?;
+            dispatch!(self, decode(&idx[..n], codebook, out_chunk));
+        }
         Ok(())
     }
 }
