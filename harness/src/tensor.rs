@@ -299,16 +299,9 @@ fn kmeans(
     let fits = match (&layout, req.kmeans_fast) {
         (Some(l), false) => kmeans::optimal_1d_per_channel(x, l, clusters),
         (None, false) => kmeans::optimal_1d(x, clusters).map(|f| vec![f]),
-        (Some(l), true) => {
-            let mut channel_values: Vec<Vec<f32>> = vec![Vec::new(); l.channels];
-            for (s, c) in l.runs() {
-                channel_values[c].extend_from_slice(&x[s..s + l.inner]);
-            }
-            channel_values
-                .iter()
-                .map(|v| k.kmeans_fast(v, clusters))
-                .collect()
-        }
+        (Some(l), true) => l
+            .gather(x)
+            .and_then(|chs| chs.iter().map(|v| k.kmeans_fast(v, clusters)).collect()),
         (None, true) => k.kmeans_fast(x, clusters).map(|f| vec![f]),
     }
     .map_err(|e| e.to_string())?;

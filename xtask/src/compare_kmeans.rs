@@ -17,14 +17,8 @@ const EXACT_MAX_N: usize = 2_000_000;
 
 /// Seeded samples: "gaussian" N(0, 1) or "laplacian" Laplace(0, 1).
 fn data(dist: &str, n: usize) -> Vec<f32> {
-    let mut s = SEED ^ if dist == "gaussian" { 0 } else { 0xA5A5 };
-    let mut next = || {
-        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut rng = crate::util::SplitMix64(SEED ^ if dist == "gaussian" { 0 } else { 0xA5A5 });
+    let mut next = || rng.unit();
     (0..n)
         .map(|_| {
             let (u, v) = (next().max(1e-300), next());

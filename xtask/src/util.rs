@@ -135,3 +135,17 @@ pub fn setup(root: &Path, out_dir: &Path) -> Result<Setup, String> {
         work,
     })
 }
+
+/// SplitMix64, the seeded generator of the comparison data sets.
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    /// Uniform in [0, 1) with 53 bits.
+    pub fn unit(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}

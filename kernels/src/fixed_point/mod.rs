@@ -165,13 +165,7 @@ impl Kernels {
         layout: &ChannelLayout,
         total_bits: u32,
     ) -> Result<Vec<FixedPointFormat>, KernelError> {
-        crate::error::check_len("per-channel data", layout.len(), x.len())?;
-        let mut ranges: Vec<Option<(f32, f32)>> = vec![None; layout.channels];
-        for (start, c) in layout.runs() {
-            if let Some((lo, hi)) = self.min_max(&x[start..start + layout.inner]) {
-                ranges[c] = Some(ranges[c].map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))));
-            }
-        }
+        let ranges = self.min_max_per_channel(x, layout)?;
         ranges
             .into_iter()
             .map(|r| FixedPointFormat::for_range(r, total_bits))

@@ -4,7 +4,7 @@ use std::arch::x86_64::*;
 
 use super::{ChannelMultipliers, Multiplier, RequantOutput};
 use crate::code::Code;
-use crate::linear::x86_avx512::{store16, store64, tail_mask};
+use crate::linear::x86_avx512::{lanes_mask, store16, store64};
 
 struct Out {
     lo: __m512i,
@@ -101,11 +101,7 @@ unsafe fn requantize_impl<T: Code, const LEFT: bool>(
         i += 64;
     }
     while i < n {
-        let k = if n - i >= 16 {
-            0xFFFF
-        } else {
-            tail_mask(n - i)
-        };
+        let k = lanes_mask(n - i);
         let v = _mm512_maskz_loadu_epi32(k, src.add(i));
         store16(dst.add(i), requant16::<LEFT>(v, mv, l, r, &oc), k);
         i += 16;
@@ -138,11 +134,7 @@ unsafe fn per_channel_impl<T: Code, const LEFT: bool>(
         let dst = out.as_mut_ptr().add(row * channels);
         let mut j = 0;
         while j < channels {
-            let k = if channels - j >= 16 {
-                0xFFFF
-            } else {
-                tail_mask(channels - j)
-            };
+            let k = lanes_mask(channels - j);
             let mv = _mm512_maskz_loadu_epi32(k, mp.add(j));
             let l = _mm512_maskz_loadu_epi32(k, lp.add(j));
             let r = _mm512_maskz_loadu_epi32(k, rp.add(j));

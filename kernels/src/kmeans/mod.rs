@@ -442,12 +442,7 @@ pub fn optimal_1d_per_channel(
     layout: &ChannelLayout,
     k: usize,
 ) -> Result<Vec<KMeansFit>, KernelError> {
-    check_len("per-channel data", layout.len(), x.len())?;
-    let mut channel_values: Vec<Vec<f32>> = vec![Vec::new(); layout.channels];
-    for (s, c) in layout.runs() {
-        channel_values[c].extend_from_slice(&x[s..s + layout.inner]);
-    }
-    channel_values.iter().map(|v| optimal_1d(v, k)).collect()
+    layout.gather(x)?.iter().map(|v| optimal_1d(v, k)).collect()
 }
 
 /// Errors unless every index is below `k` (a max-reduction the compiler vectorises; the

@@ -5,7 +5,7 @@
 use std::arch::x86_64::*;
 
 use super::Codebook;
-use crate::linear::x86_avx512::tail_mask;
+use crate::linear::x86_avx512::lanes_mask;
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -43,11 +43,7 @@ pub unsafe fn assign(x: &[f32], cb: &Codebook, out: &mut [u8]) {
     let (src, dst) = (x.as_ptr(), out.as_mut_ptr());
     let mut i = 0;
     while i < n {
-        let k = if n - i >= 16 {
-            0xFFFF
-        } else {
-            tail_mask(n - i)
-        };
+        let k = lanes_mask(n - i);
         let idx = assign16(_mm512_maskz_loadu_ps(k, src.add(i)), cb);
         _mm512_mask_cvtepi32_storeu_epi8(dst.add(i) as *mut _, k, idx);
         i += 16;
@@ -87,11 +83,7 @@ pub unsafe fn decode(idx: &[u8], cb: &Codebook, out: &mut [f32]) {
         i += 64;
     }
     while i < n {
-        let m = if n - i >= 16 {
-            0xFFFF
-        } else {
-            tail_mask(n - i)
-        };
+        let m = lanes_mask(n - i);
         let v = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, src.add(i) as *const i8));
         _mm512_mask_storeu_ps(dst.add(i), m, lookup(v));
         i += 16;

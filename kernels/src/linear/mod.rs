@@ -274,6 +274,16 @@ impl ChannelLayout {
         self.len() == 0
     }
 
+    /// The values of each channel, gathered into one vector per channel.
+    pub fn gather(&self, x: &[f32]) -> Result<Vec<Vec<f32>>, KernelError> {
+        check_len("per-channel data", self.len(), x.len())?;
+        let mut channels = vec![Vec::with_capacity(self.outer * self.inner); self.channels];
+        for (s, c) in self.runs() {
+            channels[c].extend_from_slice(&x[s..s + self.inner]);
+        }
+        Ok(channels)
+    }
+
     /// `(start, channel)` of every contiguous run of `inner` elements sharing one channel.
     pub fn runs(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
         (0..self.outer * self.channels).map(move |r| (r * self.inner, r % self.channels))
@@ -310,6 +320,22 @@ impl Kernels {
         dispatch!(self, min_max(x))
     }
 
+    /// Smallest and largest finite value of each channel of `x` viewed through `layout`.
+    pub fn min_max_per_channel(
+        &self,
+        x: &[f32],
+        layout: &ChannelLayout,
+    ) -> Result<Vec<Option<(f32, f32)>>, KernelError> {
+        check_len("per-channel data", layout.len(), x.len())?;
+        let mut ranges: Vec<Option<(f32, f32)>> = vec![None; layout.channels];
+        for (start, c) in layout.runs() {
+            if let Some((lo, hi)) = self.min_max(&x[start..start + layout.inner]) {
+                ranges[c] = Some(ranges[c].map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))));
+            }
+        }
+        Ok(ranges)
+    }
+
     /// Per-tensor parameters for `x` under `scheme`.
     pub fn choose_params(
         &self,
@@ -327,15 +353,7 @@ impl Kernels {
         scheme: &LinearScheme,
     ) -> Result<Vec<QuantParams>, KernelError> {
         check_len("per-channel data", layout.len(), x.len())?;
-        let mut ranges: Vec<Option<(f32, f32)>> = vec![None; layout.channels];
-        for (start, c) in layout.runs() {
-            if let Some((lo, hi)) = self.min_max(&x[start..start + layout.inner]) {
-                ranges[c] = Some(match ranges[c] {
-                    Some((a, b)) => (a.min(lo), b.max(hi)),
-                    None => (lo, hi),
-                });
-            }
-        }
+        let ranges = self.min_max_per_channel(x, layout)?;
         ranges
             .into_iter()
             .map(|r| scheme.params_from_range(r))

@@ -138,8 +138,18 @@ unsafe fn load16<T: Code>(src: *const T, k: __mmask16) -> __m512i {
     }
 }
 
+/// Mask of the next 16 lanes when `remaining` elements are left (all 16 if at least 16).
 #[inline]
-pub(crate) fn tail_mask(n: usize) -> __mmask16 {
+pub(crate) fn lanes_mask(remaining: usize) -> __mmask16 {
+    if remaining >= 16 {
+        0xFFFF
+    } else {
+        tail_mask(remaining)
+    }
+}
+
+#[inline]
+fn tail_mask(n: usize) -> __mmask16 {
     debug_assert!(n < 16);
     ((1u32 << n) - 1) as __mmask16
 }
@@ -224,11 +234,7 @@ pub unsafe fn quantize<T: Code>(x: &[f32], p: &QuantParams, out: &mut [T]) {
         i += 64;
     }
     while i < n {
-        let k = if n - i >= 16 {
-            0xFFFF
-        } else {
-            tail_mask(n - i)
-        };
+        let k = lanes_mask(n - i);
         let v = _mm512_maskz_loadu_ps(k, src.add(i));
         store16(dst.add(i), _mm512_add_epi32(round_clamped(v, &c), c.zp), k);
         i += 16;
@@ -286,11 +292,7 @@ unsafe fn dequantize_512<T: Code>(q: &[T], p: &QuantParams, out: &mut [f32]) {
         i += 32;
     }
     while i < n {
-        let k = if n - i >= 16 {
-            0xFFFF
-        } else {
-            tail_mask(n - i)
-        };
+        let k = lanes_mask(n - i);
         _mm512_mask_storeu_ps(dst.add(i), k, deq(load16(src.add(i), k)));
         i += 16;
     }
@@ -315,11 +317,7 @@ unsafe fn fake_quantize_raw(src: *const f32, dst: *mut f32, n: usize, p: &QuantP
         i += 32;
     }
     while i < n {
-        let k = if n - i >= 16 {
-            0xFFFF
-        } else {
-            tail_mask(n - i)
-        };
+        let k = lanes_mask(n - i);
         let v = round_clamped(_mm512_maskz_loadu_ps(k, src.add(i)), &c);
         _mm512_mask_storeu_ps(dst.add(i), k, _mm512_mul_ps(_mm512_cvtepi32_ps(v), c.scale));
         i += 16;
@@ -373,11 +371,7 @@ pub unsafe fn quantize_stochastic<T: Code>(
     let (src, dst) = (x.as_ptr(), out.as_mut_ptr());
     let mut i = 0;
     while i < n {
-        let k = if n - i >= 16 {
-            0xFFFF
-        } else {
-            tail_mask(n - i)
-        };
+        let k = lanes_mask(n - i);
         let counter = _mm512_add_epi32(
             _mm512_set1_epi32(offset.wrapping_add(i as u32) as i32),
             iota,
