@@ -6,6 +6,10 @@
 //! (`cargo xtask run experiments/*.toml`) build on it.
 
 pub mod bench;
+pub mod data;
+pub mod engine;
+pub mod eval;
+pub mod model;
 pub mod npy;
 pub mod tensor;
 

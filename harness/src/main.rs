@@ -4,6 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use quantbench::data::{Dataset, DatasetKind, Split};
+use quantbench::engine::Engine;
+use quantbench::eval::{evaluate, EvalOptions};
+use quantbench::model::Graph;
 use quantbench::tensor::{self, TensorMethod, TensorRequest};
 use quantbench_kernels::isa::{self, Isa};
 use quantbench_kernels::Kernels;
@@ -74,6 +78,33 @@ enum Command {
         /// A little-endian float32 .npy file.
         #[arg(long)]
         npy: Option<PathBuf>,
+    },
+    /// Evaluate an ONNX model in fp32 on a data set: top-1, top-5, images per second.
+    Eval {
+        /// The ONNX model file.
+        #[arg(long)]
+        model: PathBuf,
+        /// cifar10 | mnist
+        #[arg(long)]
+        dataset: String,
+        /// test | train
+        #[arg(long, default_value = "test")]
+        split: String,
+        /// Evaluate only the first N images.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Images per batch (a model exported with a fixed batch uses its own).
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Worker threads, one batch each (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Data root holding data/ (default: $QUANTBENCH_DATA, else ../shared).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Write the logits (images x classes) to this .npy file.
+        #[arg(long)]
+        save_logits: Option<PathBuf>,
     },
     /// Print the instruction sets this CPU supports and the one kernels will use.
     Isa,
@@ -198,6 +229,47 @@ fn run(cli: Cli) -> Result<(), String> {
             };
             let out = tensor::run(&req, &k)?;
             print_line(&out.to_string())?;
+        }
+        Command::Eval {
+            model,
+            dataset,
+            split,
+            limit,
+            batch,
+            threads,
+            data,
+            save_logits,
+        } => {
+            let kind = DatasetKind::parse(&dataset).map_err(|e| format!("--dataset: {e}"))?;
+            let split = Split::parse(&split).map_err(|e| format!("--split: {e}"))?;
+            let root = data.or_else(quantbench::data_root).ok_or(
+                "no data root: set QUANTBENCH_DATA or pass --data (../shared does not exist here)",
+            )?;
+            let graph = Graph::load(&model)?;
+            let mut ds = Dataset::load(&root, kind, split)?;
+            if let Some(n) = limit {
+                ds.truncate(n);
+            }
+            if ds.is_empty() {
+                return Err("no images to evaluate (--limit 0?)".into());
+            }
+            let engine = Engine::new(&graph);
+            let opts = EvalOptions {
+                batch,
+                threads: threads.unwrap_or_else(quantbench::eval::default_threads),
+                progress: true,
+                label: "eval".into(),
+            };
+            let r = evaluate(&engine, &ds, &kind.default_normalization(), &opts, None)?;
+            if let Some(p) = save_logits {
+                quantbench::npy::write_f32(&p, &[r.images, r.classes], &r.logits)?;
+            }
+            let rec = serde_json::json!({
+                "model": model.display().to_string(), "dataset": kind.name(), "images": r.images,
+                "top1": r.top1, "top5": r.top5, "batch": r.batch, "threads": opts.threads,
+                "seconds": r.seconds, "images_per_s": r.images_per_second(),
+            });
+            print_line(&rec.to_string())?;
         }
         Command::Isa => {
             for i in Isa::ALL {

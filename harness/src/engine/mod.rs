@@ -1,0 +1,139 @@
+//! The f32 execution engine: runs an imported [`Graph`] on a batch.
+//!
+//! Convolution is im2col (skipped for 1x1, stride 1, no padding) followed by the `gemm` crate's
+//! f32 GEMM, one call per image and group, single-threaded (the evaluator runs one batch per core).
+//! The engine knows no quantization method; it offers the hooks methods need:
+//! [`Graph::set_constant`] replaces weights, and an [`EdgeHook`] sees (and may change) every
+//! activation as it is produced: fake-quant at edges, calibration statistics.
+
+mod ops;
+
+use crate::model::{Graph, Op, Tensor};
+
+/// Called on the graph input and on every node output, in execution order. `value` is the value
+/// id in the graph (`Graph::value_names[value]` names it).
+pub trait EdgeHook: Sync {
+    fn on_value(&self, value: usize, tensor: &mut Tensor);
+}
+
+/// Executes one graph. Cheap to build; shareable across threads.
+pub struct Engine<'g> {
+    graph: &'g Graph,
+    /// For each value, the index of the last node that reads it (`usize::MAX` for the output).
+    last_use: Vec<usize>,
+}
+
+impl<'g> Engine<'g> {
+    pub fn new(graph: &'g Graph) -> Self {
+        let mut last_use = vec![0usize; graph.value_names.len()];
+        for (i, node) in graph.nodes.iter().enumerate() {
+            for &v in &node.inputs {
+                last_use[v] = i;
+            }
+        }
+        last_use[graph.output] = usize::MAX;
+        Self { graph, last_use }
+    }
+
+    pub fn graph(&self) -> &Graph {
+        self.graph
+    }
+
+    /// Runs the graph on `input` (shape checked against the declared input, a symbolic or
+    /// batch dimension accepting any size) and returns the graph output.
+    pub fn run(&self, input: Tensor, hook: Option<&dyn EdgeHook>) -> Result<Tensor, String> {
+        let g = self.graph;
+        check_input_shape(g, &input.shape)?;
+        let mut slots: Vec<Option<Tensor>> = vec![None; g.value_names.len()];
+        let mut input = input;
+        if let Some(h) = hook {
+            h.on_value(g.input, &mut input);
+        }
+        slots[g.input] = Some(input);
+        for (i, node) in g.nodes.iter().enumerate() {
+            let out = {
+                // Inputs this node reads last (and are not constants) may be consumed in place.
+                let mut owned: Option<Tensor> = None;
+                let first = node.inputs[0];
+                if self.last_use[first] == i
+                    && g.constants[first].is_none()
+                    && node.inputs[1..].iter().all(|&v| v != first)
+                {
+                    owned = slots[first].take();
+                }
+                let get = |v: usize| -> Result<&Tensor, String> {
+                    if let Some(t) = g.constants[v].as_ref() {
+                        return Ok(t);
+                    }
+                    slots[v]
+                        .as_ref()
+                        .ok_or_else(|| format!("value '{}' is not available", g.value_names[v]))
+                };
+                let args: Vec<&Tensor> = node.inputs[1..]
+                    .iter()
+                    .map(|&v| get(v))
+                    .collect::<Result<_, _>>()?;
+                let first_ref = match &owned {
+                    Some(_) => None,
+                    None => Some(get(first)?),
+                };
+                ops::execute(&node.op, owned, first_ref, &args).map_err(|e| {
+                    let name = if node.name.is_empty() {
+                        format!("#{i}")
+                    } else {
+                        format!("'{}'", node.name)
+                    };
+                    format!("node {name} ({}): {e}", node.op.name())
+                })?
+            };
+            let mut out = out;
+            if let Some(h) = hook {
+                h.on_value(node.output, &mut out);
+            }
+            slots[node.output] = Some(out);
+            for &v in &node.inputs {
+                if self.last_use[v] == i {
+                    slots[v] = None;
+                }
+            }
+        }
+        slots[g.output]
+            .take()
+            .or_else(|| g.constants[g.output].clone())
+            .ok_or_else(|| "the graph output was not produced".to_string())
+    }
+}
+
+fn check_input_shape(g: &Graph, shape: &[usize]) -> Result<(), String> {
+    let declared = &g.input_shape;
+    let name = &g.value_names[g.input];
+    if declared.is_empty() {
+        return Ok(());
+    }
+    let bad = || {
+        let d: Vec<String> = declared
+            .iter()
+            .map(|d| d.map_or("?".into(), |v| v.to_string()))
+            .collect();
+        format!(
+            "input '{name}' expects shape [{}], got {shape:?}",
+            d.join(", ")
+        )
+    };
+    if declared.len() != shape.len() {
+        return Err(bad());
+    }
+    // A model exported with a fixed batch (MNIST-8: 1) runs at that batch only: its Reshape
+    // constants bake the batch in.
+    for (d, &s) in declared.iter().zip(shape) {
+        if d.is_some_and(|d| d != s) {
+            return Err(bad());
+        }
+    }
+    Ok(())
+}
+
+/// Whether the op is a layer with weights (Conv, Gemm, MatMul).
+pub fn is_weighted(op: &Op) -> bool {
+    matches!(op, Op::Conv { .. } | Op::Gemm { .. } | Op::MatMul)
+}
