@@ -6,10 +6,20 @@
 //! (`cargo xtask run experiments/*.toml`) build on it.
 
 pub mod bench;
+pub mod calib;
 pub mod data;
 pub mod engine;
 pub mod eval;
+pub mod experiment;
 pub mod model;
+pub mod quant;
+#[cfg(feature = "report")]
+pub mod report;
+#[cfg(feature = "report")]
+pub mod runner;
+pub mod sys;
+
+pub use sys::{cpu_model, fnv1a, hostname, utc_stamp, write_atomic};
 pub mod npy;
 pub mod tensor;
 

@@ -106,6 +106,24 @@ enum Command {
         #[arg(long)]
         save_logits: Option<PathBuf>,
     },
+    /// Run an experiment file: every model x method x bitwidth cell, then the report under
+    /// results/<name>/<UTC time>-<git sha>/ (`cargo xtask run FILE` builds and runs this).
+    Run {
+        /// The experiment (TOML).
+        experiment: PathBuf,
+        /// Write into (or resume) this folder; finished cells are skipped.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Data root holding data/ and models/ (default: $QUANTBENCH_DATA, else ../shared).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// The results root (default: results/ under the current directory).
+        #[arg(long, default_value = "results")]
+        results: PathBuf,
+        /// No progress bars.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Print the instruction sets this CPU supports and the one kernels will use.
     Isa,
     /// Time one kernel on a .npy array (used by `cargo xtask compare quantize`).
@@ -172,6 +190,19 @@ fn print_line(line: &str) -> Result<(), String> {
         }
         _ => Ok(()),
     }
+}
+
+/// The first line a command prints, or "unknown".
+fn command_line(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.lines().next().unwrap_or("").trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
 }
 
 fn run(cli: Cli) -> Result<(), String> {
@@ -270,6 +301,35 @@ fn run(cli: Cli) -> Result<(), String> {
                 "seconds": r.seconds, "images_per_s": r.images_per_second(),
             });
             print_line(&rec.to_string())?;
+        }
+        Command::Run {
+            experiment,
+            out,
+            data,
+            results,
+            quiet,
+        } => {
+            let root = data.or_else(quantbench::data_root).ok_or(
+                "no data root: set QUANTBENCH_DATA or pass --data (../shared does not exist here)",
+            )?;
+            let opts = quantbench::runner::RunOptions {
+                data_root: root,
+                results_root: results,
+                out_dir: out,
+                git_sha: std::env::var("QUANTBENCH_GIT_SHA")
+                    .unwrap_or_else(|_| command_line("git", &["rev-parse", "--short=10", "HEAD"])),
+                rustc: std::env::var("QUANTBENCH_RUSTC")
+                    .unwrap_or_else(|_| command_line("rustc", &["-V"])),
+                progress: !quiet,
+            };
+            let summary = quantbench::runner::run_experiment(&experiment, &opts)?;
+            eprintln!(
+                "{} cells ({} done earlier) -> {}",
+                summary.rows.len(),
+                summary.skipped,
+                summary.dir.display()
+            );
+            print_line(&summary.dir.display().to_string())?;
         }
         Command::Isa => {
             for i in Isa::ALL {

@@ -2,6 +2,8 @@
 
 mod compare;
 mod compare_kmeans;
+mod compare_model;
+mod run;
 mod util;
 
 use std::process::ExitCode;
@@ -16,17 +18,20 @@ tasks:
   compare kmeans [--sizes N,...] [--ks K,...] [--dists gaussian,laplacian] [--out DIR]
       time quantbench's exact 1-D k-means against scikit-learn's KMeans (one thread each) on
       the same seeded data; reports time, SSE and the peer's gap to the optimum
-  run EXPERIMENT.toml
-      the experiment runner (models x methods x bitwidths) arrives with the harness issue;
-      until then this task exits with an error saying so";
+  compare model [--limit N] [--reps R] [--out DIR]
+      ResNet-20 on CIFAR-10 against ONNX Runtime in one run: fp32 top-1 and single-thread
+      latency (batch 1 and 64), and W8A8 per-channel MinMax (512 training images) top-1 against
+      ORT's quantize_static (QDQ) with ORT's int8 latency
+  run EXPERIMENT.toml [--out DIR] [--quiet]
+      run an experiment (models x methods x bitwidths) with a release build of quantbench;
+      results go to results/<name>/<UTC time>-<git sha>/ (or DIR, where finished cells are
+      skipped)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("compare") => compare::main(&args[1..]),
-        Some("run") => Err("`cargo xtask run` is not implemented yet: the experiment harness (issue #6) has not landed. \
-                            Today: `quantbench tensor` (one tensor) and `cargo xtask compare quantize` (kernels vs peers)."
-            .to_string()),
+        Some("run") => run::main(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             Ok(())

@@ -38,7 +38,7 @@ pub fn peer_python(root: &Path) -> Result<PathBuf, String> {
             .unwrap_or(false);
     if !ready {
         eprintln!(
-            "[compare] creating {} and installing onnxruntime, onnx, numpy with pip",
+            "[compare] creating {} and installing onnxruntime, onnx, numpy, scikit-learn with pip",
             venv.display()
         );
         run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
@@ -50,45 +50,13 @@ pub fn peer_python(root: &Path) -> Result<PathBuf, String> {
             "onnxruntime",
             "onnx",
             "numpy",
+            "scikit-learn",
         ]))?;
     }
     Ok(python)
 }
 
-pub fn utc_stamp() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // civil-from-days (proleptic Gregorian)
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + (m <= 2) as i64;
-    format!(
-        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
-pub fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
+pub use quantbench::sys::{cpu_model, utc_stamp};
 
 /// `git describe --always --dirty` of the workspace, or empty.
 pub fn git_revision(root: &Path) -> String {
@@ -101,9 +69,7 @@ pub fn git_revision(root: &Path) -> String {
 
 /// Writes `body` to `path` through a temporary file (never a half-written result).
 pub fn write_atomic(path: &Path, body: &str) -> Result<(), String> {
-    let tmp = path.with_extension("partial");
-    std::fs::write(&tmp, body).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    quantbench::sys::write_atomic(path, body.as_bytes())
 }
 
 /// What every comparison needs: the peers' Python, a release build of `quantbench`, and the

@@ -1,0 +1,513 @@
+//! The report of one run: `runs.parquet` and `runs.csv` (one polars DataFrame), `latency.csv`,
+//! `summary.md`, charts (SVG and PNG) and `meta.json`. Reads rows only, never models. Every
+//! file is written to a temporary name and renamed.
+
+use std::path::{Path, PathBuf};
+
+use plotters::prelude::*;
+use polars::prelude::*;
+
+use crate::experiment::Experiment;
+use crate::runner::{LatencyRecord, Row};
+
+pub fn write_report(
+    dir: &Path,
+    exp: &Experiment,
+    rows: &[Row],
+    latency: &[LatencyRecord],
+    meta: &serde_json::Value,
+) -> Result<(), String> {
+    let mut df = frame(rows).map_err(|e| format!("building the results frame: {e}"))?;
+    let mut buf = Vec::new();
+    ParquetWriter::new(&mut buf)
+        .finish(&mut df)
+        .map_err(|e| format!("runs.parquet: {e}"))?;
+    crate::write_atomic(&dir.join("runs.parquet"), &buf)?;
+    let mut buf = Vec::new();
+    CsvWriter::new(&mut buf)
+        .finish(&mut df)
+        .map_err(|e| format!("runs.csv: {e}"))?;
+    crate::write_atomic(&dir.join("runs.csv"), &buf)?;
+    let mut lat = String::from("model,method,batch,threads,ms_per_batch,ms_per_image\n");
+    for l in latency {
+        lat.push_str(&format!(
+            "{},{},{},{},{:.4},{:.4}\n",
+            l.model, l.method, l.batch, l.threads, l.ms_per_batch, l.ms_per_image
+        ));
+    }
+    crate::write_atomic(&dir.join("latency.csv"), lat.as_bytes())?;
+
+    let mut meta = meta.clone();
+    let charts = if exp.report.charts {
+        match charts(dir, rows, latency, exp.report.png) {
+            Ok(files) => serde_json::json!(files),
+            Err(e) => {
+                eprintln!("warning: charts not written: {e}");
+                serde_json::json!(format!("not written: {e}"))
+            }
+        }
+    } else {
+        serde_json::json!("disabled in [report]")
+    };
+    meta["charts"] = charts;
+    crate::write_atomic(
+        &dir.join("summary.md"),
+        summary(exp, rows, latency, &meta).as_bytes(),
+    )?;
+    crate::write_atomic(
+        &dir.join("meta.json"),
+        serde_json::to_string_pretty(&meta)
+            .expect("json")
+            .as_bytes(),
+    )?;
+    Ok(())
+}
+
+fn frame(rows: &[Row]) -> PolarsResult<DataFrame> {
+    macro_rules! col {
+        ($name:literal, $f:expr) => {
+            Column::new($name.into(), rows.iter().map($f).collect::<Vec<_>>())
+        };
+    }
+    DataFrame::new(
+        rows.len(),
+        vec![
+            col!("model", |r: &Row| r.model.clone()),
+            col!("cell", |r: &Row| r.cell.clone()),
+            col!("method", |r: &Row| r.method.clone()),
+            col!("label", |r: &Row| r.label.clone()),
+            col!("weight_bits", |r: &Row| r.weight_bits),
+            col!("act_bits", |r: &Row| r.act_bits),
+            col!("granularity", |r: &Row| r.granularity.clone()),
+            col!("symmetric", |r: &Row| r.symmetric),
+            col!("calibration", |r: &Row| r.calibration.clone()),
+            col!("top1", |r: &Row| r.top1),
+            col!("top1_delta", |r: &Row| r.top1_delta),
+            col!("top5", |r: &Row| r.top5),
+            col!("size_bytes", |r: &Row| r.size_bytes),
+            col!("compression", |r: &Row| r.compression),
+            col!("weight_sqnr_db", |r: &Row| r.weight_sqnr_db),
+            col!("latency_ms_b1", |r: &Row| r.latency_ms_b1),
+            col!("latency_ms_bN", |r: &Row| r.latency_ms_bn),
+            col!("latency_batch_n", |r: &Row| r.latency_batch_n as u64),
+            col!("quantize_s", |r: &Row| r.quantize_s),
+            col!("eval_s", |r: &Row| r.eval_s),
+            col!("images", |r: &Row| r.images as u64),
+            col!("isa", |r: &Row| r.isa.clone()),
+        ],
+    )
+}
+
+/// Rows no other row of the same model beats on both size (smaller or equal) and top-1
+/// (higher or equal, one of them strictly).
+pub fn pareto(rows: &[Row]) -> Vec<bool> {
+    rows.iter()
+        .map(|r| {
+            !rows.iter().any(|o| {
+                o.model == r.model
+                    && o.size_bytes <= r.size_bytes
+                    && o.top1 >= r.top1
+                    && (o.size_bytes < r.size_bytes || o.top1 > r.top1)
+            })
+        })
+        .collect()
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or("-".into(), |x| format!("{x:.digits$}"))
+}
+
+fn summary(
+    exp: &Experiment,
+    rows: &[Row],
+    latency: &[LatencyRecord],
+    meta: &serde_json::Value,
+) -> String {
+    let front = pareto(rows);
+    let mut s = format!("# {}\n\n", exp.name);
+    s.push_str(&format!(
+        "{} images of {} ({}), calibration: {} {} images; ISA {}; git {}; {} cells in {:.0} s.\n\n",
+        meta["eval_images"],
+        exp.data.dataset.name(),
+        format!("{:?}", exp.data.split).to_lowercase(),
+        meta["calibration"]["samples"]
+            .as_u64()
+            .map_or("no".to_string(), |n| n.to_string()),
+        format!("{:?}", exp.calibration.split).to_lowercase(),
+        meta["isa"].as_str().unwrap_or("?"),
+        meta["git_sha"].as_str().unwrap_or("?"),
+        rows.len(),
+        meta["wall_time_s"].as_f64().unwrap_or(0.0),
+    ));
+    if exp.calibration.allow_eval_split && exp.calibration.split == exp.data.split {
+        s.push_str("**Caveat:** activation ranges were calibrated on the evaluated split (`calibration.allow_eval_split = true`); rows with A bits < 32 are optimistic.\n\n");
+    }
+    s.push_str("Pareto-optimal rows (no other row is both smaller and more accurate) are marked with **P**. ");
+    s.push_str("Size is the size of the safetensors file the cell wrote; weight bits exclude scales and codebooks.\n\n");
+    s.push_str("| model | method | cell | W bits | A bits | granularity | sym | calib | top-1 % | delta pp | top-5 % | size KiB | x smaller | W SQNR dB | P |\n");
+    s.push_str("|---|---|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|:-:|\n");
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    let method_rank = |m: &str| {
+        [
+            "fp32",
+            "linear",
+            "fixed_point",
+            "dynamic_fixed_point",
+            "kmeans",
+            "integer_only",
+            "hybrid",
+        ]
+        .iter()
+        .position(|x| *x == m)
+        .unwrap_or(9)
+    };
+    order.sort_by(|&a, &b| {
+        let (x, y) = (&rows[a], &rows[b]);
+        (
+            x.model.as_str(),
+            method_rank(&x.method),
+            -(x.weight_bits * 100.0) as i64,
+            x.cell.as_str(),
+        )
+            .cmp(&(
+                y.model.as_str(),
+                method_rank(&y.method),
+                -(y.weight_bits * 100.0) as i64,
+                y.cell.as_str(),
+            ))
+    });
+    for i in order {
+        let r = &rows[i];
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:+.2} | {:.2} | {:.1} | {:.2} | {} | {} |\n",
+            r.model,
+            r.method,
+            r.cell.split("--").nth(1).unwrap_or(&r.cell),
+            if r.weight_bits.fract() == 0.0 { format!("{}", r.weight_bits) } else { format!("{:.2}", r.weight_bits) },
+            if r.act_bits == 32 { "32".into() } else { r.act_bits.to_string() },
+            r.granularity,
+            r.symmetric.map_or("-", |s| if s { "yes" } else { "no" }),
+            r.calibration,
+            r.top1 * 100.0,
+            r.top1_delta * 100.0,
+            r.top5 * 100.0,
+            r.size_bytes as f64 / 1024.0,
+            r.compression,
+            opt(r.weight_sqnr_db, 1),
+            if front[i] { "**P**" } else { "" },
+        ));
+    }
+    if !latency.is_empty() {
+        s.push_str("\n## Latency (executable paths, single thread, median)\n\n| model | method | batch | ms per batch | ms per image |\n|---|---|---:|---:|---:|\n");
+        for l in latency {
+            s.push_str(&format!(
+                "| {} | {} | {} | {:.3} | {:.3} |\n",
+                l.model, l.method, l.batch, l.ms_per_batch, l.ms_per_image
+            ));
+        }
+        s.push_str("\nQuantized cells other than fp32 are simulated (dequantized weights, fake-quant activations): their latency is not reported because it would measure the simulation, not a quantized kernel path.\n");
+    }
+    if let Some(files) = meta["charts"].as_array() {
+        s.push_str("\n## Charts\n\n");
+        for f in files
+            .iter()
+            .filter_map(|f| f.as_str())
+            .filter(|f| f.ends_with(".svg"))
+        {
+            s.push_str(&format!("![{f}]({f})\n\n"));
+        }
+    } else if let Some(why) = meta["charts"].as_str() {
+        s.push_str(&format!("\nCharts: {why}\n"));
+    }
+    s
+}
+
+// ---------------------------------------------------------------- charts
+
+/// Registers a TrueType font for the charts once: `QUANTBENCH_FONT`, else DejaVu Sans from the
+/// usual Debian path (package fonts-dejavu-core).
+fn ensure_font() -> Result<(), String> {
+    static FONT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    FONT.get_or_init(|| {
+        let candidates: Vec<PathBuf> = std::env::var_os("QUANTBENCH_FONT")
+            .map(PathBuf::from)
+            .into_iter()
+            .chain([
+                PathBuf::from("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),
+                PathBuf::from("/usr/share/fonts/TTF/DejaVuSans.ttf"),
+            ])
+            .collect();
+        let path = candidates.iter().find(|p| p.is_file()).ok_or_else(|| {
+            "no TrueType font found (install fonts-dejavu-core or set QUANTBENCH_FONT to a .ttf file)".to_string()
+        })?;
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let leaked: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        plotters::style::register_font("sans-serif", FontStyle::Normal, leaked)
+            .map_err(|_| format!("{}: not a usable TrueType font", path.display()))
+    })
+    .clone()
+}
+
+type DynErr = Box<dyn std::error::Error>;
+
+const PALETTE: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+/// A distinct colour for series `i` of `n`: the palette while it lasts, else evenly spaced hues.
+fn series_color(i: usize, n: usize) -> RGBColor {
+    if n <= PALETTE.len() {
+        return PALETTE[i];
+    }
+    let (r, g, b) = HSLColor(i as f64 / n as f64, 0.75, 0.42).rgb();
+    RGBColor(r, g, b)
+}
+
+/// Writes every chart as SVG (and PNG); returns the file names.
+fn charts(
+    dir: &Path,
+    rows: &[Row],
+    latency: &[LatencyRecord],
+    png: bool,
+) -> Result<Vec<String>, String> {
+    ensure_font()?;
+    let mut files = Vec::new();
+    for (name, draw) in [
+        ("accuracy_vs_bits", 0),
+        ("accuracy_vs_size", 1),
+        ("latency", 2),
+    ] {
+        if draw == 2 && latency.is_empty() {
+            continue;
+        }
+        let mut kinds = vec!["svg"];
+        if png {
+            kinds.push("png");
+        }
+        for kind in kinds {
+            let file = format!("{name}.{kind}");
+            // the bitmap backend picks its encoder from the extension: keep it last
+            let tmp = dir.join(format!("{name}.partial-{}.{kind}", std::process::id()));
+            let result: Result<(), DynErr> = if kind == "svg" {
+                let root = SVGBackend::new(&tmp, (960, 600)).into_drawing_area();
+                draw_chart(draw, root, rows, latency)
+            } else {
+                let root = BitMapBackend::new(&tmp, (960, 600)).into_drawing_area();
+                draw_chart(draw, root, rows, latency)
+            };
+            result.map_err(|e| format!("{file}: {e}"))?;
+            std::fs::rename(&tmp, dir.join(&file)).map_err(|e| format!("{file}: {e}"))?;
+            files.push(file);
+        }
+    }
+    Ok(files)
+}
+
+fn draw_chart<DB: DrawingBackend>(
+    which: usize,
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    rows: &[Row],
+    latency: &[LatencyRecord],
+) -> Result<(), DynErr>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    match which {
+        0 => accuracy_vs_bits(&root, rows)?,
+        1 => accuracy_vs_size(&root, rows)?,
+        _ => latency_chart(&root, latency)?,
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// Series of the accuracy-vs-bits chart: rows that differ only in weight bits.
+fn series_key(r: &Row) -> String {
+    let mut k = format!("{} {}", r.model, r.label);
+    if r.granularity != "-" && r.granularity != "mixed" {
+        k.push_str(&format!(" {}", r.granularity));
+    }
+    if let Some(s) = r.symmetric {
+        if r.method == "linear" {
+            k.push_str(if s { " sym" } else { " asym" });
+        }
+    }
+    if r.act_bits != 32 {
+        k.push_str(&format!(" A{} {}", r.act_bits, r.calibration));
+    }
+    k
+}
+
+fn accuracy_vs_bits<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    rows: &[Row],
+) -> Result<(), DynErr>
+where
+    DB::ErrorType: 'static,
+{
+    let quant: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.method != "fp32" && r.method != "hybrid")
+        .collect();
+    let mut chart = ChartBuilder::on(root)
+        .caption("Top-1 accuracy vs weight bits", ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(55)
+        .build_cartesian_2d(0.5f64..8.5f64, 0f64..100f64)?;
+    chart
+        .configure_mesh()
+        .x_desc("weight bits")
+        .y_desc("top-1 %")
+        .draw()?;
+    for (i, r) in rows.iter().filter(|r| r.method == "fp32").enumerate() {
+        let y = r.top1 * 100.0;
+        chart
+            .draw_series(LineSeries::new([(0.5, y), (8.5, y)], BLACK.stroke_width(1)))?
+            .label(format!("{} fp32 ({y:.2} %)", r.model))
+            .legend(move |(x, yy)| {
+                PathElement::new([(x, yy), (x + 16, yy)], BLACK.stroke_width(1 + i as u32))
+            });
+    }
+    let mut keys: Vec<String> = quant.iter().map(|r| series_key(r)).collect();
+    keys.sort();
+    keys.dedup();
+    for (i, key) in keys.iter().enumerate() {
+        let color = series_color(i, keys.len());
+        let mut pts: Vec<(f64, f64)> = quant
+            .iter()
+            .filter(|r| &series_key(r) == key)
+            .map(|r| (r.weight_bits, r.top1 * 100.0))
+            .collect();
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        chart
+            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+            .label(key.clone())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2)));
+        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 12))
+        .draw()?;
+    Ok(())
+}
+
+fn accuracy_vs_size<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    rows: &[Row],
+) -> Result<(), DynErr>
+where
+    DB::ErrorType: 'static,
+{
+    let kib: Vec<f64> = rows.iter().map(|r| r.size_bytes as f64 / 1024.0).collect();
+    let lo = kib.iter().cloned().fold(f64::INFINITY, f64::min).max(0.01) * 0.8;
+    let hi = kib.iter().cloned().fold(0.0, f64::max) * 1.25;
+    let ymin = rows.iter().map(|r| r.top1 * 100.0).fold(100.0, f64::min);
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            "Top-1 accuracy vs model file size (Pareto front in black)",
+            ("sans-serif", 22),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(55)
+        .build_cartesian_2d((lo..hi).log_scale(), ((ymin - 5.0).max(0.0))..100f64)?;
+    chart
+        .configure_mesh()
+        .x_desc("safetensors file size, KiB (log)")
+        .y_desc("top-1 %")
+        .draw()?;
+    let mut methods: Vec<&str> = rows.iter().map(|r| r.method.as_str()).collect();
+    methods.sort();
+    methods.dedup();
+    for (i, m) in methods.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        let pts: Vec<(f64, f64)> = rows
+            .iter()
+            .zip(&kib)
+            .filter(|(r, _)| r.method == *m)
+            .map(|(r, &k)| (k, r.top1 * 100.0))
+            .collect();
+        chart
+            .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))?
+            .label(m.to_string())
+            .legend(move |(x, y)| Circle::new((x + 8, y), 4, color.filled()));
+    }
+    let front = pareto(rows);
+    let mut fp: Vec<(f64, f64)> = rows
+        .iter()
+        .zip(&kib)
+        .zip(&front)
+        .filter(|(_, &f)| f)
+        .map(|((r, &k), _)| (k, r.top1 * 100.0))
+        .collect();
+    fp.sort_by(|a, b| a.0.total_cmp(&b.0));
+    chart
+        .draw_series(LineSeries::new(fp, BLACK.stroke_width(2)))?
+        .label("Pareto front")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], BLACK.stroke_width(2)));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .draw()?;
+    Ok(())
+}
+
+fn latency_chart<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    lat: &[LatencyRecord],
+) -> Result<(), DynErr>
+where
+    DB::ErrorType: 'static,
+{
+    let labels: Vec<String> = lat
+        .iter()
+        .map(|l| format!("{} {} b{}", l.model, l.method, l.batch))
+        .collect();
+    let ymax = lat.iter().map(|l| l.ms_per_image).fold(0.0, f64::max) * 1.2;
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            "Latency per image (single thread, median)",
+            ("sans-serif", 22),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d((0..lat.len()).into_segmented(), 0f64..ymax.max(1e-6))?;
+    chart
+        .configure_mesh()
+        .y_desc("ms per image")
+        .x_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
+            _ => String::new(),
+        })
+        .draw()?;
+    chart.draw_series(lat.iter().enumerate().map(|(i, l)| {
+        let color = PALETTE[i % PALETTE.len()];
+        Rectangle::new(
+            [
+                (SegmentValue::Exact(i), 0.0),
+                (SegmentValue::Exact(i + 1), l.ms_per_image),
+            ],
+            color.filled(),
+        )
+    }))?;
+    Ok(())
+}

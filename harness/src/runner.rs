@@ -1,0 +1,428 @@
+//! Runs an experiment: every cell of the grid on the evaluation data, one result row per cell,
+//! then the report. A cell's row is written to `cells/<id>.json` (atomically) as soon as it is
+//! done; re-running into the same folder skips those cells.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use quantbench_kernels::Kernels;
+use serde::{Deserialize, Serialize};
+
+use crate::calib::{calibrate, ActParams, CalibRequest, FakeQuantHook};
+use crate::data::{Dataset, Normalization};
+use crate::engine::Engine;
+use crate::eval::{check_model_fits, evaluate, EvalOptions};
+use crate::experiment::{CalibMethod, Cell, Experiment, MethodKind, WeightScheme};
+use crate::model::{Graph, Tensor};
+use crate::quant::{quantize_model, simulated_graph, write_safetensors, QuantizedModel};
+
+/// One tidy result record.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Row {
+    pub model: String,
+    pub cell: String,
+    pub method: String,
+    pub label: String,
+    /// Bits per weight averaged over the weight layers (codes only, without parameters).
+    pub weight_bits: f64,
+    /// 32 for fp32 activations.
+    pub act_bits: u32,
+    pub granularity: String,
+    pub symmetric: Option<bool>,
+    pub calibration: String,
+    pub top1: f64,
+    pub top1_delta: f64,
+    pub top5: f64,
+    pub size_bytes: u64,
+    pub compression: f64,
+    pub weight_sqnr_db: Option<f64>,
+    pub latency_ms_b1: Option<f64>,
+    pub latency_ms_bn: Option<f64>,
+    pub latency_batch_n: usize,
+    pub quantize_s: f64,
+    pub eval_s: f64,
+    pub images: usize,
+    pub isa: String,
+}
+
+/// Latency of one executable path at one batch size.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LatencyRecord {
+    pub model: String,
+    pub method: String,
+    pub batch: usize,
+    pub threads: usize,
+    pub ms_per_batch: f64,
+    pub ms_per_image: f64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CellRecord {
+    row: Row,
+    latency: Vec<LatencyRecord>,
+}
+
+pub struct RunOptions {
+    pub data_root: PathBuf,
+    /// `results/` of the project.
+    pub results_root: PathBuf,
+    /// Resume into (or write to) this folder instead of a new `results/<name>/<time>-<sha>/`.
+    pub out_dir: Option<PathBuf>,
+    pub git_sha: String,
+    pub rustc: String,
+    pub progress: bool,
+}
+
+pub struct RunSummary {
+    pub dir: PathBuf,
+    pub rows: Vec<Row>,
+    pub skipped: usize,
+}
+
+fn log(msg: &str) {
+    eprintln!("{msg}");
+}
+
+/// Runs the experiment file at `path`.
+pub fn run_experiment(path: &Path, opts: &RunOptions) -> Result<RunSummary, String> {
+    let wall = Instant::now();
+    let (exp, text) = Experiment::load(path, Some(&opts.data_root))?;
+    let cells = exp
+        .cells()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let k = Kernels::active();
+    let dir = match &opts.out_dir {
+        Some(d) => d.clone(),
+        None => opts.results_root.join(&exp.name).join(format!(
+            "{}-{}",
+            crate::utc_stamp(),
+            &opts.git_sha[..opts.git_sha.len().min(10)]
+        )),
+    };
+    std::fs::create_dir_all(dir.join("cells")).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir.join("models")).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let config_hash = format!("{:016x}", crate::fnv1a(text.as_bytes()));
+    // A folder holds one configuration: resuming with a changed file would mix results.
+    let hash_file = dir.join("config.hash");
+    match std::fs::read_to_string(&hash_file) {
+        Ok(h) if h.trim() != config_hash => {
+            return Err(format!(
+                "{}: was written by a different configuration (hash {} != {config_hash}); use a new folder",
+                dir.display(),
+                h.trim()
+            ))
+        }
+        Ok(_) => {}
+        Err(_) => crate::write_atomic(&hash_file, config_hash.as_bytes())?,
+    }
+    crate::write_atomic(&dir.join("experiment.toml"), text.as_bytes())?;
+
+    let norm = exp
+        .data
+        .normalization
+        .clone()
+        .unwrap_or_else(|| exp.data.dataset.default_normalization());
+    let mut data = Dataset::load(&opts.data_root, exp.data.dataset, exp.data.split)?;
+    if let Some(n) = exp.data.limit {
+        data.truncate(n);
+    }
+    norm.validate(data.image_shape[0])
+        .map_err(|e| format!("{}: data.normalization: {e}", path.display()))?;
+    let needs_calib = cells.iter().any(|c| c.act.bits.is_some());
+    let calib_data = if needs_calib {
+        let mut c = Dataset::load(&opts.data_root, exp.data.dataset, exp.calibration.split)
+            .map_err(|e| format!("calibration data: {e}"))?;
+        c.truncate(exp.calibration.samples);
+        Some(c)
+    } else {
+        None
+    };
+    let eval_opts = EvalOptions {
+        batch: exp.data.batch,
+        progress: opts.progress,
+        ..Default::default()
+    };
+
+    let mut graphs: HashMap<String, Graph> = HashMap::new();
+    for m in &exp.models {
+        let g = Graph::load(&m.path)?;
+        check_model_fits(&g, &data, exp.data.batch)
+            .map_err(|e| format!("model '{}': {e}", m.name))?;
+        if let Some(shape) = m.input {
+            if shape != data.image_shape {
+                return Err(format!(
+                    "models '{}': input = {shape:?} but the {} images are {:?}",
+                    m.name,
+                    data.kind.name(),
+                    data.image_shape
+                ));
+            }
+        }
+        graphs.insert(m.name.clone(), g);
+    }
+
+    let mut rows: Vec<Row> = Vec::new();
+    let mut latency: Vec<LatencyRecord> = Vec::new();
+    let mut calib_cache: HashMap<(String, u32, CalibMethod), ActParams> = HashMap::new();
+    let mut skipped = 0;
+    let total = cells.len();
+    for (i, cell) in cells.iter().enumerate() {
+        let record_path = dir.join("cells").join(format!("{}.json", cell.id));
+        if let Ok(bytes) = std::fs::read(&record_path) {
+            if let Ok(rec) = serde_json::from_slice::<CellRecord>(&bytes) {
+                log(&format!(
+                    "[{}/{total}] {}: done earlier, skipped",
+                    i + 1,
+                    cell.id
+                ));
+                rows.push(rec.row);
+                latency.extend(rec.latency);
+                skipped += 1;
+                continue;
+            }
+        }
+        let start = Instant::now();
+        let graph = &graphs[&cell.model];
+        let qm = quantize_model(&k, graph, cell).map_err(|e| format!("cell {}: {e}", cell.id))?;
+        let model_path = dir.join("models").join(format!("{}.safetensors", cell.id));
+        let size_bytes = write_safetensors(&model_path, graph, &qm)?;
+        let sim = simulated_graph(graph, &qm)?;
+        let act = match (cell.act.bits, cell.act.calibration) {
+            (Some(bits), Some(method)) => {
+                let key = (cell.model.clone(), bits, method);
+                if !calib_cache.contains_key(&key) {
+                    let cd = calib_data
+                        .as_ref()
+                        .expect("loaded when any cell quantizes activations");
+                    let req = CalibRequest {
+                        bits,
+                        method,
+                        percentile: exp.calibration.percentile,
+                    };
+                    let p = calibrate(&k, graph, cd, &norm, &eval_opts, req)
+                        .map_err(|e| format!("cell {}: calibration: {e}", cell.id))?;
+                    calib_cache.insert(key.clone(), p);
+                }
+                Some(&calib_cache[&key])
+            }
+            _ => None,
+        };
+        let engine = Engine::new(&sim);
+        let hook = act.map(|p| FakeQuantHook { k: &k, params: p });
+        let opts_cell = EvalOptions {
+            label: short_label(&cell.id),
+            ..eval_opts.clone()
+        };
+        let r = evaluate(
+            &engine,
+            &data,
+            &norm,
+            &opts_cell,
+            hook.as_ref().map(|h| h as &dyn crate::engine::EdgeHook),
+        )
+        .map_err(|e| format!("cell {}: {e}", cell.id))?;
+        let mut cell_latency = Vec::new();
+        if cell.method == MethodKind::Fp32 {
+            for &b in &exp.latency.batch_sizes {
+                let ms = measure_latency(&engine, &data, &norm, b, exp.latency.repetitions)?;
+                cell_latency.push(LatencyRecord {
+                    model: cell.model.clone(),
+                    method: "fp32".into(),
+                    batch: b,
+                    threads: 1,
+                    ms_per_batch: ms,
+                    ms_per_image: ms / b as f64,
+                });
+            }
+        }
+        let row = make_row(
+            cell,
+            &qm,
+            &r,
+            size_bytes,
+            &cell_latency,
+            &exp,
+            k.isa().name(),
+        );
+        log(&format!(
+            "[{}/{total}] {}: top1 {:.2} %, {} bytes, {:.1} s",
+            i + 1,
+            cell.id,
+            row.top1 * 100.0,
+            row.size_bytes,
+            start.elapsed().as_secs_f64()
+        ));
+        let rec = CellRecord {
+            row: row.clone(),
+            latency: cell_latency.clone(),
+        };
+        crate::write_atomic(
+            &record_path,
+            serde_json::to_string_pretty(&rec)
+                .expect("serializable")
+                .as_bytes(),
+        )?;
+        rows.push(row);
+        latency.extend(cell_latency);
+    }
+    fill_relative(&mut rows);
+    let meta = serde_json::json!({
+        "experiment": exp.name,
+        "config_file": path.display().to_string(),
+        "config_hash": config_hash,
+        "seed": exp.seed,
+        "host": crate::hostname(),
+        "cpu_model": crate::cpu_model(),
+        "isa": k.isa().name(),
+        "rustc": opts.rustc,
+        "git_sha": opts.git_sha,
+        "cells": rows.len(),
+        "cells_skipped_as_done": skipped,
+        "wall_time_s": wall.elapsed().as_secs_f64(),
+        "eval_images": data.len(),
+        "eval_files": data.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
+        "calibration": { "split": format!("{:?}", exp.calibration.split).to_lowercase(), "samples": calib_data.as_ref().map(|c| c.len()), "percentile": exp.calibration.percentile },
+        "threads": eval_opts.threads,
+        "finished_utc": crate::utc_stamp(),
+    });
+    crate::report::write_report(&dir, &exp, &rows, &latency, &meta)?;
+    Ok(RunSummary { dir, rows, skipped })
+}
+
+fn folder_safe(s: &str) -> String {
+    let s: String = s
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .collect();
+    if s.is_empty() {
+        "nogit".into()
+    } else {
+        s
+    }
+}
+
+fn short_label(id: &str) -> String {
+    id.split("--").nth(1).unwrap_or(id).to_string()
+}
+
+/// Median wall time of `reps` single-thread runs at batch `b` (after one warm-up run).
+fn measure_latency(
+    engine: &Engine,
+    data: &Dataset,
+    norm: &Normalization,
+    b: usize,
+    reps: usize,
+) -> Result<f64, String> {
+    let n = b.min(data.len());
+    let x: Tensor = data.batch(0..n, norm);
+    // Tile to b images when the data set is smaller than the batch.
+    let x = if n < b {
+        let per = x.len() / n;
+        let mut d = Vec::with_capacity(b * per);
+        for i in 0..b {
+            d.extend_from_slice(&x.data[(i % n) * per..(i % n + 1) * per]);
+        }
+        let mut s = x.shape.clone();
+        s[0] = b;
+        Tensor::new(s, d)
+    } else {
+        x
+    };
+    if engine
+        .graph()
+        .input_shape
+        .first()
+        .copied()
+        .flatten()
+        .is_some_and(|fixed| fixed != b)
+    {
+        return Err(format!(
+            "latency batch {b}: the model's batch is fixed at {:?}",
+            engine.graph().input_shape[0]
+        ));
+    }
+    engine.run(x.clone(), None)?;
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        engine.run(x.clone(), None)?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(times[times.len() / 2])
+}
+
+fn make_row(
+    cell: &Cell,
+    qm: &QuantizedModel,
+    r: &crate::eval::EvalResult,
+    size_bytes: u64,
+    lat: &[LatencyRecord],
+    exp: &Experiment,
+    isa: &str,
+) -> Row {
+    let (mut bits_sum, mut count) = (0f64, 0f64);
+    for (_, qw) in &qm.weights {
+        let n = qw.dequantized.len() as f64;
+        bits_sum += qw.scheme.bits() as f64 * n;
+        count += n;
+    }
+    let weight_bits = if count > 0.0 { bits_sum / count } else { 32.0 };
+    let symmetric = match &cell.weights {
+        WeightScheme::Linear { symmetric, .. } => Some(*symmetric),
+        WeightScheme::FixedPoint { .. } | WeightScheme::DynamicFixedPoint { .. } => Some(true),
+        _ => None,
+    };
+    let granularity = match (cell.method, cell.weights.granularity()) {
+        (MethodKind::Hybrid, _) => "mixed".into(),
+        (_, Some(g)) => g.name().to_string(),
+        (_, None) => "-".into(),
+    };
+    let largest = exp.latency.batch_sizes.iter().copied().max().unwrap_or(1);
+    Row {
+        model: cell.model.clone(),
+        cell: cell.id.clone(),
+        method: cell.method.name().to_string(),
+        label: cell.label.clone(),
+        weight_bits,
+        act_bits: cell.act.bits.unwrap_or(32),
+        granularity,
+        symmetric,
+        calibration: cell
+            .act
+            .calibration
+            .map_or("-".into(), |c| c.name().to_string()),
+        top1: r.top1,
+        top1_delta: 0.0,
+        top5: r.top5,
+        size_bytes,
+        compression: 1.0,
+        weight_sqnr_db: qm.sqnr_db,
+        latency_ms_b1: lat.iter().find(|l| l.batch == 1).map(|l| l.ms_per_batch),
+        latency_ms_bn: lat
+            .iter()
+            .find(|l| l.batch == largest && largest > 1)
+            .map(|l| l.ms_per_batch),
+        latency_batch_n: largest,
+        quantize_s: qm.seconds,
+        eval_s: r.seconds,
+        images: r.images,
+        isa: isa.to_string(),
+    }
+}
+
+/// top1_delta and compression against the fp32 row of the same model.
+fn fill_relative(rows: &mut [Row]) {
+    let base: HashMap<String, (f64, u64)> = rows
+        .iter()
+        .filter(|r| r.method == "fp32")
+        .map(|r| (r.model.clone(), (r.top1, r.size_bytes)))
+        .collect();
+    for r in rows.iter_mut() {
+        if let Some(&(top1, size)) = base.get(&r.model) {
+            r.top1_delta = r.top1 - top1;
+            r.compression = size as f64 / r.size_bytes.max(1) as f64;
+        }
+    }
+}
