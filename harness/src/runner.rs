@@ -97,7 +97,7 @@ pub fn run_experiment(path: &Path, opts: &RunOptions) -> Result<RunSummary, Stri
         None => opts.results_root.join(&exp.name).join(format!(
             "{}-{}",
             crate::utc_stamp(),
-            &opts.git_sha[..opts.git_sha.len().min(10)]
+            folder_safe(&opts.git_sha)
         )),
     };
     std::fs::create_dir_all(dir.join("cells")).map_err(|e| format!("{}: {e}", dir.display()))?;
