@@ -32,13 +32,13 @@ pub fn peer_python(root: &Path) -> Result<PathBuf, String> {
     let python = venv.join("bin/python");
     let ready = python.exists()
         && Command::new(&python)
-            .args(["-c", "import onnxruntime, onnx, numpy, sklearn"])
+            .args(["-c", "import onnxruntime, onnx, numpy, sklearn, sympy"])
             .output()
             .map(|o| o.status.success())
             .unwrap_or(false);
     if !ready {
         eprintln!(
-            "[compare] creating {} and installing onnxruntime, onnx, numpy, scikit-learn with pip",
+            "[compare] creating {} and installing onnxruntime, onnx, numpy, scikit-learn, sympy with pip",
             venv.display()
         );
         run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
@@ -51,6 +51,7 @@ pub fn peer_python(root: &Path) -> Result<PathBuf, String> {
             "onnx",
             "numpy",
             "scikit-learn",
+            "sympy",
         ]))?;
     }
     Ok(python)
