@@ -6,7 +6,10 @@
 //! [`Graph::set_constant`] replaces weights, and an [`EdgeHook`] sees (and may change) every
 //! activation as it is produced: fake-quant at edges, calibration statistics.
 
+mod conv_gemm;
 mod ops;
+
+pub use conv_gemm::PackedWeight;
 
 use crate::model::{Graph, Op, Tensor};
 
@@ -21,6 +24,9 @@ pub struct Engine<'g> {
     graph: &'g Graph,
     /// For each value, the index of the last node that reads it (`usize::MAX` for the output).
     last_use: Vec<usize>,
+    /// Per node: Conv weights packed for the AVX-512 micro-kernel, one per group (only when
+    /// AVX-512 is the active ISA and each group's output channels are a multiple of 8).
+    packed: Vec<Option<Vec<PackedWeight>>>,
 }
 
 impl<'g> Engine<'g> {
@@ -32,7 +38,37 @@ impl<'g> Engine<'g> {
             }
         }
         last_use[graph.output] = usize::MAX;
-        Self { graph, last_use }
+        let avx512 = quantbench_kernels::isa::active() == quantbench_kernels::Isa::Avx512;
+        let packed = graph
+            .nodes
+            .iter()
+            .map(|n| {
+                match (
+                    &n.op,
+                    graph.constants[n.inputs[1.min(n.inputs.len() - 1)]].as_ref(),
+                ) {
+                    (Op::Conv { group, .. }, Some(w)) if avx512 && w.shape.len() == 4 => {
+                        let m = w.shape[0];
+                        let k: usize = w.shape[1..].iter().product();
+                        if m % group != 0 {
+                            return None;
+                        }
+                        let mg = m / group;
+                        (0..*group)
+                            .map(|g| {
+                                PackedWeight::new(&w.data[g * mg * k..(g + 1) * mg * k], mg, k)
+                            })
+                            .collect()
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
+        Self {
+            graph,
+            last_use,
+            packed,
+        }
     }
 
     pub fn graph(&self) -> &Graph {
@@ -77,14 +113,16 @@ impl<'g> Engine<'g> {
                     Some(_) => None,
                     None => Some(get(first)?),
                 };
-                ops::execute(&node.op, owned, first_ref, &args).map_err(|e| {
-                    let name = if node.name.is_empty() {
-                        format!("#{i}")
-                    } else {
-                        format!("'{}'", node.name)
-                    };
-                    format!("node {name} ({}): {e}", node.op.name())
-                })?
+                ops::execute(&node.op, owned, first_ref, &args, self.packed[i].as_deref()).map_err(
+                    |e| {
+                        let name = if node.name.is_empty() {
+                            format!("#{i}")
+                        } else {
+                            format!("'{}'", node.name)
+                        };
+                        format!("node {name} ({}): {e}", node.op.name())
+                    },
+                )?
             };
             let mut out = out;
             if let Some(h) = hook {

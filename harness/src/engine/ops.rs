@@ -11,6 +11,7 @@ pub(super) fn execute(
     owned: Option<Tensor>,
     first: Option<&Tensor>,
     rest: &[&Tensor],
+    packed: Option<&[super::PackedWeight]>,
 ) -> R<Tensor> {
     if matches!(
         op,
@@ -47,7 +48,9 @@ pub(super) fn execute(
         (None, None) => return Err("missing input".into()),
     };
     match op {
-        Op::Conv { window, group } => conv(x, rest[0], rest.get(1).copied(), window, *group),
+        Op::Conv { window, group } => {
+            conv(x, rest[0], rest.get(1).copied(), window, *group, packed)
+        }
         Op::Gemm {
             alpha,
             beta,
@@ -299,7 +302,14 @@ pub(crate) fn im2col(
     }
 }
 
-fn conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, win: &Window, group: usize) -> R<Tensor> {
+fn conv(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    win: &Window,
+    group: usize,
+    packed: Option<&[super::PackedWeight]>,
+) -> R<Tensor> {
     if x.shape.len() != 4 || w.shape.len() != 4 {
         return Err(format!(
             "expected 4-D input and weight, got {:?} and {:?}",
@@ -331,6 +341,39 @@ fn conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, win: &Window, group: usize) 
     let mg = m / group;
     let k = cg * kh * kw;
     let mut out = vec![0.0f32; n * m * p];
+    if let Some(pw) =
+        packed.filter(|pw| pw.len() == group && pw.iter().all(|p| p.m == mg && p.k == k))
+    {
+        // AVX-512: packed receptive fields and the 8x32 micro-kernel.
+        let mut cols = Vec::new();
+        let direct = super::conv_gemm::direct_applies(win, ow);
+        for img in 0..n {
+            let xi = &x.data[img * c * h * wd..(img + 1) * c * h * wd];
+            let oi = &mut out[img * m * p..(img + 1) * m * p];
+            for (g, pwg) in pw.iter().enumerate() {
+                let xg = &xi[g * cg * h * wd..(g + 1) * cg * h * wd];
+                let bias = b.map(|b| &b.data[g * mg..(g + 1) * mg]);
+                if direct {
+                    let og = &mut oi[g * mg * p..(g + 1) * mg * p];
+                    super::conv_gemm::conv_direct(
+                        pwg, xg, h, wd, cg, win, pads, oh, ow, bias, og, p, &mut cols, true,
+                    );
+                    continue;
+                }
+                super::conv_gemm::im2col_packed(xg, h, wd, cg, win, pads, oh, ow, &mut cols);
+                super::conv_gemm::gemm_packed(
+                    pwg,
+                    &cols,
+                    p,
+                    bias,
+                    &mut oi[g * mg * p..(g + 1) * mg * p],
+                    p,
+                    true,
+                );
+            }
+        }
+        return Ok(Tensor::new(vec![n, m, oh, ow], out));
+    }
     let direct = kh == 1 && kw == 1 && win.strides == [1, 1] && pads == [0; 4];
     let mut col = Vec::new();
     for img in 0..n {

@@ -1,0 +1,592 @@
+//! The convolution GEMM of the f32 engine: `out[m, p] = bias[m] + sum_k w[m, k] * col[k, p]`
+//! on packed operands, with an AVX-512 micro-kernel of 8 output channels x 32 output
+//! positions (16 accumulators) and a scalar reference that is its specification.
+//!
+//! Layouts: the weight is packed once per layer as `[M/8][K][8]` (eight output channels side by
+//! side); the receptive fields are written by [`im2col_packed`] straight into `[P/32][K][32]`
+//! panels (the last panel zero-padded), so the micro-kernel streams both operands
+//! contiguously. Each output element is `bias` followed by one fused multiply-add per k, in k
+//! order, on every path: the SIMD result is bit-identical to the scalar one.
+
+use crate::model::Window;
+
+pub const MR: usize = 8;
+pub const NR: usize = 32;
+
+/// A conv weight `[M, K]` packed for the micro-kernel (M a multiple of [`MR`]).
+#[derive(Clone, Debug)]
+pub struct PackedWeight {
+    pub m: usize,
+    pub k: usize,
+    pub data: Vec<f32>,
+}
+
+impl PackedWeight {
+    /// `None` when M is not a multiple of [`MR`] (the engine then uses the general GEMM).
+    pub fn new(w: &[f32], m: usize, k: usize) -> Option<PackedWeight> {
+        if m == 0 || k == 0 || !m.is_multiple_of(MR) || w.len() != m * k {
+            return None;
+        }
+        let mut data = Vec::with_capacity(m * k);
+        for tile in 0..m / MR {
+            for kk in 0..k {
+                for r in 0..MR {
+                    data.push(w[(tile * MR + r) * k + kk]);
+                }
+            }
+        }
+        Some(PackedWeight { m, k, data })
+    }
+}
+
+/// Writes the receptive fields of one image (channels `0..cg` of `x`, `h x w` each) as packed
+/// panels `[ceil(P/32)][K][32]`, `P = oh * ow`, `K = cg * kh * kw`; positions past `P` in the
+/// last panel and taps outside the image are zero.
+#[allow(clippy::too_many_arguments)]
+pub fn im2col_packed(
+    x: &[f32],
+    h: usize,
+    w: usize,
+    cg: usize,
+    win: &Window,
+    pads: [usize; 4],
+    oh: usize,
+    ow: usize,
+    out: &mut Vec<f32>,
+) {
+    let [kh, kw] = win.kernel;
+    let [sh, sw] = win.strides;
+    let [dh, dw] = win.dilations;
+    let p_total = oh * ow;
+    let k_total = cg * kh * kw;
+    let panels = p_total.div_ceil(NR);
+    // Every position below P is written below; the padding columns of the last panel may keep
+    // stale values (finite: the buffer only ever holds image data) because the micro-kernel
+    // never stores those columns. So the buffer is grown, never cleared.
+    let need = panels * k_total * NR;
+    if out.len() < need {
+        out.resize(need, 0.0);
+    }
+    let mut line = vec![0.0f32; ow];
+    let mut k = 0;
+    for c in 0..cg {
+        let plane = &x[c * h * w..(c + 1) * h * w];
+        for ki in 0..kh {
+            for kj in 0..kw {
+                let off = (kj * dw) as isize - pads[1] as isize;
+                // Output columns whose tap is inside the image: ox in [lo, hi).
+                let lo = if off >= 0 {
+                    0
+                } else {
+                    ((-off) as usize).div_ceil(sw)
+                };
+                let hi = if (w as isize) > off {
+                    ((w as isize - off) as usize).div_ceil(sw).min(ow)
+                } else {
+                    0
+                };
+                for oy in 0..oh {
+                    let iy = (oy * sh + ki * dh) as isize - pads[0] as isize;
+                    if iy < 0 || iy >= h as isize || lo >= hi {
+                        line.fill(0.0);
+                    } else {
+                        let row = &plane[iy as usize * w..(iy as usize + 1) * w];
+                        line[..lo].fill(0.0);
+                        line[hi..].fill(0.0);
+                        if sw == 1 {
+                            let s0 = (lo as isize + off) as usize;
+                            line[lo..hi].copy_from_slice(&row[s0..s0 + (hi - lo)]);
+                        } else {
+                            for (ox, v) in line.iter_mut().enumerate().take(hi).skip(lo) {
+                                *v = row[(ox as isize * sw as isize + off) as usize];
+                            }
+                        }
+                    }
+                    put(out, k_total, k, oy * ow, &line);
+                }
+                k += 1;
+            }
+        }
+    }
+}
+
+/// Copies `src` to positions `p0..p0 + len` of row `k` of the packed panels.
+fn put(out: &mut [f32], k_total: usize, k: usize, p0: usize, src: &[f32]) {
+    let mut p = p0;
+    let mut i = 0;
+    while i < src.len() {
+        let within = p % NR;
+        let take = (NR - within).min(src.len() - i);
+        let base = (p / NR) * k_total * NR + k * NR + within;
+        out[base..base + take].copy_from_slice(&src[i..i + take]);
+        i += take;
+        p += take;
+    }
+}
+
+/// `out[r * ldc + p] = bias[r] + sum_k w[r, k] * col[k, p]` for all `M` rows and `p < n`,
+/// from packed operands; `isa_avx512` selects the micro-kernel (it must be supported).
+pub fn gemm_packed(
+    w: &PackedWeight,
+    cols: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    ldc: usize,
+    avx512: bool,
+) {
+    let k = w.k;
+    let panels = n.div_ceil(NR);
+    assert!(cols.len() >= panels * k * NR && out.len() >= (w.m - 1) * ldc + n && ldc >= n);
+    let zeros = [0.0f32; MR];
+    for tile in 0..w.m / MR {
+        let a = &w.data[tile * k * MR..(tile + 1) * k * MR];
+        let b_tile: &[f32] = match bias {
+            Some(b) => &b[tile * MR..(tile + 1) * MR],
+            None => &zeros,
+        };
+        for j in 0..panels {
+            let b = &cols[j * k * NR..(j + 1) * k * NR];
+            let valid = (n - j * NR).min(NR);
+            let c = &mut out[tile * MR * ldc + j * NR..];
+            #[cfg(target_arch = "x86_64")]
+            if avx512 {
+                // SAFETY: the caller checked AVX-512F support; slices cover K x 8, K x 32 and
+                // 8 rows of `valid` outputs at stride ldc (asserted above).
+                unsafe { x86::kernel_8x32(k, a, b, b_tile, c, ldc, valid) };
+                continue;
+            }
+            let _ = avx512;
+            kernel_8x32_scalar(k, a, b, b_tile, c, ldc, valid);
+        }
+    }
+}
+
+/// Direct convolution for stride 1 and output rows of at least 8 positions: no im2col. The
+/// input image is copied once into a zero-padded buffer; each micro-kernel call computes 8
+/// output channels x two runs of up to 16 consecutive positions of one output row each, and
+/// reads the receptive field of every tap k straight from the padded image at the offset
+/// `offs[k]` (channel plane, row and column of the tap). Same bias-then-FMA order per output as
+/// the GEMM path and the scalar specification.
+pub fn direct_applies(win: &Window, ow: usize) -> bool {
+    win.strides == [1, 1] && ow >= 8
+}
+
+/// `x`: one image `[cg, h, w]` (channels of one group); `out`: its `[M, oh * ow]` output rows
+/// for this group (row stride `ldc`).
+#[allow(clippy::too_many_arguments)]
+pub fn conv_direct(
+    pw: &PackedWeight,
+    x: &[f32],
+    h: usize,
+    w: usize,
+    cg: usize,
+    win: &Window,
+    pads: [usize; 4],
+    oh: usize,
+    ow: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    ldc: usize,
+    padded: &mut Vec<f32>,
+    avx512: bool,
+) {
+    let [kh, kw] = win.kernel;
+    let [dh, dw] = win.dilations;
+    let hp = h + pads[0] + pads[2];
+    let wp = w + pads[1] + pads[3];
+    padded.clear();
+    padded.resize(cg * hp * wp, 0.0);
+    for c in 0..cg {
+        for y in 0..h {
+            let dst = c * hp * wp + (y + pads[0]) * wp + pads[1];
+            padded[dst..dst + w].copy_from_slice(&x[c * h * w + y * w..c * h * w + (y + 1) * w]);
+        }
+    }
+    let mut offs = Vec::with_capacity(pw.k);
+    for c in 0..cg {
+        for ki in 0..kh {
+            for kj in 0..kw {
+                offs.push(c * hp * wp + ki * dh * wp + kj * dw);
+            }
+        }
+    }
+    debug_assert_eq!(offs.len(), pw.k);
+    // Runs of up to 16 positions within one output row, taken two at a time.
+    let mut runs: Vec<(usize, usize, usize)> = Vec::new(); // (oy, ox0, len)
+    for oy in 0..oh {
+        let mut ox = 0;
+        while ox < ow {
+            let len = (ow - ox).min(16);
+            runs.push((oy, ox, len));
+            ox += len;
+        }
+    }
+    // The furthest tap of a run must stay inside the padded buffer: it does, since
+    // (oy + (kh-1)dh) < hp and ox0 + len - 1 + (kw-1)dw < wp for a valid output.
+    let zeros = [0.0f32; MR];
+    for pair in runs.chunks(2) {
+        let (oy0, ox0, n0) = pair[0];
+        let (oy1, ox1, n1) = pair.get(1).copied().unwrap_or((oy0, ox0, 0));
+        let base0 = oy0 * wp + ox0;
+        let base1 = oy1 * wp + ox1;
+        let o0 = oy0 * ow + ox0;
+        let o1 = oy1 * ow + ox1;
+        for tile in 0..pw.m / MR {
+            let a = &pw.data[tile * pw.k * MR..(tile + 1) * pw.k * MR];
+            let bt: &[f32] = match bias {
+                Some(b) => &b[tile * MR..(tile + 1) * MR],
+                None => &zeros,
+            };
+            let rows = tile * MR * ldc;
+            #[cfg(target_arch = "x86_64")]
+            if avx512 {
+                // SAFETY: AVX-512F checked by the caller; every load is inside `padded` (see
+                // above, masked to n0 / n1 lanes) and every store inside `out`.
+                unsafe {
+                    x86::kernel_8x2x16_indirect(
+                        a,
+                        &offs,
+                        padded,
+                        base0,
+                        base1,
+                        n0,
+                        n1,
+                        bt,
+                        out,
+                        rows + o0,
+                        rows + o1,
+                        ldc,
+                    )
+                };
+                continue;
+            }
+            let _ = avx512;
+            kernel_8x2x16_indirect_scalar(
+                a,
+                &offs,
+                padded,
+                [base0, base1],
+                [n0, n1],
+                bt,
+                out,
+                [rows + o0, rows + o1],
+                ldc,
+            );
+        }
+    }
+}
+
+/// Specification of the direct micro-kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn kernel_8x2x16_indirect_scalar(
+    a: &[f32],
+    offs: &[usize],
+    x: &[f32],
+    base: [usize; 2],
+    len: [usize; 2],
+    bias: &[f32],
+    out: &mut [f32],
+    at: [usize; 2],
+    ldc: usize,
+) {
+    for half in 0..2 {
+        for r in 0..MR {
+            for j in 0..len[half] {
+                let mut acc = bias[r];
+                for (kk, &o) in offs.iter().enumerate() {
+                    acc = a[kk * MR + r].mul_add(x[base[half] + o + j], acc);
+                }
+                out[at[half] + r * ldc + j] = acc;
+            }
+        }
+    }
+}
+
+/// The specification: one accumulator per output, bias then `mul_add` in k order.
+pub fn kernel_8x32_scalar(
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    bias: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    valid: usize,
+) {
+    let mut acc = [[0.0f32; NR]; MR];
+    for (r, row) in acc.iter_mut().enumerate() {
+        row.fill(bias[r]);
+    }
+    for kk in 0..k {
+        let bk = &b[kk * NR..(kk + 1) * NR];
+        for (r, row) in acc.iter_mut().enumerate() {
+            let wv = a[kk * MR + r];
+            for (acc_v, &bv) in row.iter_mut().zip(bk) {
+                *acc_v = wv.mul_add(bv, *acc_v);
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        c[r * ldc..r * ldc + valid].copy_from_slice(&row[..valid]);
+    }
+}
+
+// Index loops over the register tile keep it fully unrolled in registers.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
+mod x86 {
+    use super::{MR, NR};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn kernel_8x32(
+        k: usize,
+        a: &[f32],
+        b: &[f32],
+        bias: &[f32],
+        c: &mut [f32],
+        ldc: usize,
+        valid: usize,
+    ) {
+        debug_assert!(a.len() >= k * MR && b.len() >= k * NR && bias.len() >= MR);
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        for r in 0..MR {
+            let v = _mm512_set1_ps(bias[r]);
+            acc[r] = [v, v];
+        }
+        let mut ap = a.as_ptr();
+        let mut bp = b.as_ptr();
+        for _ in 0..k {
+            let b0 = _mm512_loadu_ps(bp);
+            let b1 = _mm512_loadu_ps(bp.add(16));
+            for r in 0..MR {
+                let wv = _mm512_set1_ps(*ap.add(r));
+                acc[r][0] = _mm512_fmadd_ps(wv, b0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(wv, b1, acc[r][1]);
+            }
+            ap = ap.add(MR);
+            bp = bp.add(NR);
+        }
+        let m0: __mmask16 = if valid >= 16 {
+            0xffff
+        } else {
+            ((1u32 << valid) - 1) as u16
+        };
+        let m1: __mmask16 = if valid >= 32 {
+            0xffff
+        } else if valid > 16 {
+            ((1u32 << (valid - 16)) - 1) as u16
+        } else {
+            0
+        };
+        let cp = c.as_mut_ptr();
+        for (r, pair) in acc.iter().enumerate() {
+            let row = cp.add(r * ldc);
+            _mm512_mask_storeu_ps(row, m0, pair[0]);
+            _mm512_mask_storeu_ps(row.add(16), m1, pair[1]);
+        }
+    }
+
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as u16
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn kernel_8x2x16_indirect(
+        a: &[f32],
+        offs: &[usize],
+        x: &[f32],
+        base0: usize,
+        base1: usize,
+        n0: usize,
+        n1: usize,
+        bias: &[f32],
+        out: &mut [f32],
+        at0: usize,
+        at1: usize,
+        ldc: usize,
+    ) {
+        let (m0, m1) = (lanes(n0), lanes(n1));
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        for r in 0..MR {
+            let v = _mm512_set1_ps(bias[r]);
+            acc[r] = [v, v];
+        }
+        let xp = x.as_ptr();
+        let p0 = xp.add(base0);
+        let p1 = xp.add(base1);
+        let mut ap = a.as_ptr();
+        for &o in offs {
+            let b0 = _mm512_maskz_loadu_ps(m0, p0.add(o));
+            let b1 = _mm512_maskz_loadu_ps(m1, p1.add(o));
+            for r in 0..MR {
+                let wv = _mm512_set1_ps(*ap.add(r));
+                acc[r][0] = _mm512_fmadd_ps(wv, b0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(wv, b1, acc[r][1]);
+            }
+            ap = ap.add(MR);
+        }
+        let op = out.as_mut_ptr();
+        for (r, pair) in acc.iter().enumerate() {
+            _mm512_mask_storeu_ps(op.add(at0 + r * ldc), m0, pair[0]);
+            _mm512_mask_storeu_ps(op.add(at1 + r * ldc), m1, pair[1]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seq(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn packed_gemm_simd_is_bit_identical_to_scalar_and_matches_plain_sums() {
+        for (m, k, n) in [
+            (8, 1, 1),
+            (16, 27, 1024),
+            (32, 144, 256),
+            (8, 5, 37),
+            (64, 576, 64),
+            (24, 9, 70),
+        ] {
+            let w = seq(m * k, 1);
+            let col = seq(k * n, 2);
+            let bias = seq(m, 3);
+            let pw = PackedWeight::new(&w, m, k).unwrap();
+            let panels = n.div_ceil(NR);
+            let mut packed = vec![0.0f32; panels * k * NR];
+            for kk in 0..k {
+                for p in 0..n {
+                    packed[(p / NR) * k * NR + kk * NR + p % NR] = col[kk * n + p];
+                }
+            }
+            let mut scalar = vec![f32::NAN; m * n];
+            gemm_packed(&pw, &packed, n, Some(&bias), &mut scalar, n, false);
+            for r in 0..m {
+                for p in 0..n {
+                    let mut want = bias[r];
+                    for kk in 0..k {
+                        want = w[r * k + kk].mul_add(col[kk * n + p], want);
+                    }
+                    assert_eq!(
+                        scalar[r * n + p].to_bits(),
+                        want.to_bits(),
+                        "m={m} k={k} n={n} r={r} p={p}"
+                    );
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            if quantbench_kernels::Isa::Avx512.is_supported() {
+                let mut simd = vec![f32::NAN; m * n];
+                gemm_packed(&pw, &packed, n, Some(&bias), &mut simd, n, true);
+                let same = simd
+                    .iter()
+                    .zip(&scalar)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "AVX-512 differs from scalar at m={m} k={k} n={n}");
+            }
+        }
+        assert!(
+            PackedWeight::new(&[0.0; 12], 4, 3).is_none(),
+            "M not a multiple of 8"
+        );
+    }
+
+    #[test]
+    fn direct_conv_simd_is_bit_identical_to_scalar_and_to_the_gemm_path() {
+        use crate::model::AutoPad;
+        // (cg, m, h, w, kernel, pads, dilation)
+        for (cg, m, h, w, k, pads, dil) in [
+            (3, 16, 32, 32, [3, 3], [1, 1, 1, 1], [1, 1]),
+            (4, 8, 9, 21, [3, 3], [1, 1, 1, 1], [1, 1]),
+            (5, 8, 8, 8, [1, 1], [0, 0, 0, 0], [1, 1]),
+            (2, 16, 12, 17, [3, 5], [2, 0, 1, 3], [2, 1]),
+        ] {
+            let win = Window {
+                kernel: k,
+                strides: [1, 1],
+                dilations: dil,
+                pads,
+                auto_pad: AutoPad::NotSet,
+                ceil_mode: false,
+            };
+            let ([oh, ow], pads) = win.output(h, w).unwrap();
+            assert!(direct_applies(&win, ow));
+            let kk = cg * k[0] * k[1];
+            let x = seq(cg * h * w, 4);
+            let wt = seq(m * kk, 5);
+            let bias = seq(m, 6);
+            let pw = PackedWeight::new(&wt, m, kk).unwrap();
+            let p = oh * ow;
+            let mut buf = Vec::new();
+            let mut scalar = vec![f32::NAN; m * p];
+            conv_direct(
+                &pw,
+                &x,
+                h,
+                w,
+                cg,
+                &win,
+                pads,
+                oh,
+                ow,
+                Some(&bias),
+                &mut scalar,
+                p,
+                &mut buf,
+                false,
+            );
+            // The im2col + packed GEMM path computes the same sums in the same order.
+            let mut cols = Vec::new();
+            im2col_packed(&x, h, w, cg, &win, pads, oh, ow, &mut cols);
+            let mut via_gemm = vec![f32::NAN; m * p];
+            gemm_packed(&pw, &cols, p, Some(&bias), &mut via_gemm, p, false);
+            let same = scalar
+                .iter()
+                .zip(&via_gemm)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "direct vs im2col, {cg}x{h}x{w} k{k:?}");
+            #[cfg(target_arch = "x86_64")]
+            if quantbench_kernels::Isa::Avx512.is_supported() {
+                let mut simd = vec![f32::NAN; m * p];
+                conv_direct(
+                    &pw,
+                    &x,
+                    h,
+                    w,
+                    cg,
+                    &win,
+                    pads,
+                    oh,
+                    ow,
+                    Some(&bias),
+                    &mut simd,
+                    p,
+                    &mut buf,
+                    true,
+                );
+                let same = simd
+                    .iter()
+                    .zip(&scalar)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "AVX-512 vs scalar, {cg}x{h}x{w}");
+            }
+        }
+    }
+}
