@@ -1,25 +1,14 @@
 //! The experiment runner end to end on experiments/smoke.toml (ResNet-20, 256 CIFAR-10 test
 //! images), resume, and the configuration errors.
 
+mod common;
+
 use std::path::{Path, PathBuf};
+
+use common::root;
 
 use quantbench::experiment::Experiment;
 use quantbench::runner::{run_experiment, RunOptions};
-
-fn root() -> PathBuf {
-    let r = quantbench::data_root()
-        .or_else(|| {
-            let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared");
-            p.is_dir().then_some(p)
-        })
-        .expect("shared data root not found: set QUANTBENCH_DATA");
-    assert!(
-        r.join("models").is_dir(),
-        "{}: no models/ (set QUANTBENCH_DATA)",
-        r.display()
-    );
-    r
-}
 
 fn smoke() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../experiments/smoke.toml")

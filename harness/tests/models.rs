@@ -1,27 +1,13 @@
 //! The pretrained models on the real data of the shared data root: accuracy and parity with
 //! ONNX Runtime's logits, plus the data-set error paths.
 
-use std::path::PathBuf;
+mod common;
 
+use common::root;
 use quantbench::data::{Dataset, DatasetKind, Split};
 use quantbench::engine::Engine;
 use quantbench::eval::{evaluate, EvalOptions};
 use quantbench::model::Graph;
-
-fn root() -> PathBuf {
-    let r = quantbench::data_root()
-        .or_else(|| {
-            let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared");
-            p.is_dir().then_some(p)
-        })
-        .expect("shared data root not found: set QUANTBENCH_DATA");
-    assert!(
-        r.join("models").is_dir(),
-        "{}: no models/ folder (set QUANTBENCH_DATA)",
-        r.display()
-    );
-    r
-}
 
 fn quiet() -> EvalOptions {
     EvalOptions {

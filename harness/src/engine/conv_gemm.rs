@@ -39,11 +39,12 @@ impl PackedWeight {
     }
 }
 
-/// Writes the receptive fields of one image (channels `0..cg` of `x`, `h x w` each) as packed
-/// panels `[ceil(P/32)][K][32]`, `P = oh * ow`, `K = cg * kh * kw`; positions past `P` in the
-/// last panel and taps outside the image are zero.
+/// Walks the receptive fields of one image (channels `0..cg` of `x`, `h x w` each): for every
+/// tap `k = (c, ki, kj)` and output row `oy`, hands `sink(k, oy, line)` the `ow` input values
+/// that tap reads for that row (zeros where it falls outside the image). Both im2col layouts
+/// are built from it.
 #[allow(clippy::too_many_arguments)]
-pub fn im2col_packed(
+pub fn receptive_lines(
     x: &[f32],
     h: usize,
     w: usize,
@@ -52,21 +53,11 @@ pub fn im2col_packed(
     pads: [usize; 4],
     oh: usize,
     ow: usize,
-    out: &mut Vec<f32>,
+    mut sink: impl FnMut(usize, usize, &[f32]),
 ) {
     let [kh, kw] = win.kernel;
     let [sh, sw] = win.strides;
     let [dh, dw] = win.dilations;
-    let p_total = oh * ow;
-    let k_total = cg * kh * kw;
-    let panels = p_total.div_ceil(NR);
-    // Every position below P is written below; the padding columns of the last panel may keep
-    // stale values (finite: the buffer only ever holds image data) because the micro-kernel
-    // never stores those columns. So the buffer is grown, never cleared.
-    let need = panels * k_total * NR;
-    if out.len() < need {
-        out.resize(need, 0.0);
-    }
     let mut line = vec![0.0f32; ow];
     let mut k = 0;
     for c in 0..cg {
@@ -102,12 +93,60 @@ pub fn im2col_packed(
                             }
                         }
                     }
-                    put(out, k_total, k, oy * ow, &line);
+                    sink(k, oy, &line);
                 }
                 k += 1;
             }
         }
     }
+}
+
+/// The receptive fields as packed panels `[ceil(P/32)][K][32]`, `P = oh * ow`,
+/// `K = cg * kh * kw`.
+#[allow(clippy::too_many_arguments)]
+pub fn im2col_packed(
+    x: &[f32],
+    h: usize,
+    w: usize,
+    cg: usize,
+    win: &Window,
+    pads: [usize; 4],
+    oh: usize,
+    ow: usize,
+    out: &mut Vec<f32>,
+) {
+    let k_total = cg * win.kernel[0] * win.kernel[1];
+    // Every position below P is written; the padding columns of the last panel may keep stale
+    // values (finite: the buffer only ever holds image data) because the micro-kernel never
+    // stores those columns. So the buffer is grown, never cleared.
+    let need = (oh * ow).div_ceil(NR) * k_total * NR;
+    if out.len() < need {
+        out.resize(need, 0.0);
+    }
+    receptive_lines(x, h, w, cg, win, pads, oh, ow, |k, oy, line| {
+        put(out, k_total, k, oy * ow, line)
+    });
+}
+
+/// The receptive fields as a row-major `[K, P]` matrix (the layout of a plain GEMM).
+#[allow(clippy::too_many_arguments)]
+pub fn im2col(
+    x: &[f32],
+    h: usize,
+    w: usize,
+    cg: usize,
+    win: &Window,
+    pads: [usize; 4],
+    oh: usize,
+    ow: usize,
+    col: &mut Vec<f32>,
+) {
+    let p = oh * ow;
+    col.clear();
+    col.resize(cg * win.kernel[0] * win.kernel[1] * p, 0.0);
+    receptive_lines(x, h, w, cg, win, pads, oh, ow, |k, oy, line| {
+        col[k * p + oy * ow..k * p + (oy + 1) * ow].copy_from_slice(line)
+    });
 }
 
 /// Copies `src` to positions `p0..p0 + len` of row `k` of the packed panels.

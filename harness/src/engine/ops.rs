@@ -242,66 +242,6 @@ fn sgemm(
     }
 }
 
-/// Lays out the receptive fields of one image (channels `c0..c0+cg`) as a [cg*kh*kw, oh*ow]
-/// matrix.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn im2col(
-    x: &[f32],
-    h: usize,
-    w: usize,
-    cg: usize,
-    win: &Window,
-    pads: [usize; 4],
-    oh: usize,
-    ow: usize,
-    col: &mut Vec<f32>,
-) {
-    let [kh, kw] = win.kernel;
-    let [sh, sw] = win.strides;
-    let [dh, dw] = win.dilations;
-    let p = oh * ow;
-    col.clear();
-    col.resize(cg * kh * kw * p, 0.0);
-    let mut row = 0;
-    for c in 0..cg {
-        let plane = &x[c * h * w..(c + 1) * h * w];
-        for ki in 0..kh {
-            for kj in 0..kw {
-                let dst = &mut col[row * p..(row + 1) * p];
-                row += 1;
-                // Output columns whose input column is inside the image: ox in [lo, hi).
-                let off = (kj * dw) as isize - pads[1] as isize;
-                let lo = if off >= 0 {
-                    0
-                } else {
-                    ((-off) as usize).div_ceil(sw)
-                };
-                let hi = if (w as isize) > off {
-                    (((w as isize - off) as usize).div_ceil(sw)).min(ow)
-                } else {
-                    0
-                };
-                for oy in 0..oh {
-                    let iy = (oy * sh + ki * dh) as isize - pads[0] as isize;
-                    if iy < 0 || iy >= h as isize || lo >= hi {
-                        continue; // stays zero
-                    }
-                    let src = &plane[iy as usize * w..(iy as usize + 1) * w];
-                    let d = &mut dst[oy * ow..(oy + 1) * ow];
-                    if sw == 1 {
-                        let s0 = (lo as isize + off) as usize;
-                        d[lo..hi].copy_from_slice(&src[s0..s0 + (hi - lo)]);
-                    } else {
-                        for (ox, v) in d.iter_mut().enumerate().take(hi).skip(lo) {
-                            *v = src[(ox as isize * sw as isize + off) as usize];
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
 fn conv(
     x: &Tensor,
     w: &Tensor,
@@ -389,7 +329,7 @@ fn conv(
             let rhs: &[f32] = if direct {
                 xg
             } else {
-                im2col(xg, h, wd, cg, win, pads, oh, ow, &mut col);
+                super::conv_gemm::im2col(xg, h, wd, cg, win, pads, oh, ow, &mut col);
                 &col
             };
             let wg = &w.data[g * mg * k..(g + 1) * mg * k];

@@ -1,0 +1,19 @@
+//! Shared by the harness's integration tests.
+
+use std::path::PathBuf;
+
+/// The shared data root (`QUANTBENCH_DATA`, else ../shared); the tests need it.
+pub fn root() -> PathBuf {
+    let r = quantbench::data_root()
+        .or_else(|| {
+            let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared");
+            p.is_dir().then_some(p)
+        })
+        .expect("shared data root not found: set QUANTBENCH_DATA");
+    assert!(
+        r.join("models").is_dir(),
+        "{}: no models/ folder (set QUANTBENCH_DATA)",
+        r.display()
+    );
+    r
+}
