@@ -57,6 +57,14 @@ fn resnet20_matches_onnx_runtime_on_all_10000_images() {
 fn mnist8_reaches_the_published_accuracy() {
     let root = root();
     let g = Graph::load(&root.join("models/mnist-8/mnist-8.onnx")).unwrap();
+    // The MatMul weight arrives through a Reshape of an initializer: constant folding at import
+    // makes it a weight that methods quantize, like the two Conv weights.
+    let weights = g.weights();
+    assert_eq!(weights.len(), 3, "{weights:?}");
+    assert_eq!(
+        g.constants[weights[2].value].as_ref().unwrap().shape,
+        vec![256, 10]
+    );
     let ds = Dataset::load(&root, DatasetKind::Mnist, Split::Test).unwrap();
     let r = evaluate(
         &Engine::new(&g),

@@ -142,6 +142,37 @@ impl<'g> Engine<'g> {
     }
 }
 
+/// Constant folding: every node whose inputs are all constants (a Reshape or Transpose of a
+/// weight, arithmetic on initializers) is evaluated once and its output becomes a constant, so
+/// that quantization sees the weight a layer really multiplies by. Run at import.
+pub fn fold_constants(g: &mut Graph) -> Result<(), String> {
+    let mut i = 0;
+    while i < g.nodes.len() {
+        let node = &g.nodes[i];
+        let all_const = node.inputs.iter().all(|&v| g.constants[v].is_some());
+        if !all_const || node.output == g.output {
+            i += 1;
+            continue;
+        }
+        let args: Vec<&Tensor> = node.inputs[1..]
+            .iter()
+            .map(|&v| g.constants[v].as_ref().expect("constant"))
+            .collect();
+        let first = g.constants[node.inputs[0]].as_ref();
+        let out = ops::execute(&node.op, None, first, &args, None).map_err(|e| {
+            format!(
+                "node '{}' ({}), folding constants: {e}",
+                node.name,
+                node.op.name()
+            )
+        })?;
+        let id = node.output;
+        g.constants[id] = Some(out);
+        g.nodes.remove(i);
+    }
+    Ok(())
+}
+
 fn check_input_shape(g: &Graph, shape: &[usize]) -> Result<(), String> {
     let declared = &g.input_shape;
     let name = &g.value_names[g.input];

@@ -455,6 +455,7 @@ fn import(model: proto::ModelProto) -> Result<Graph, String> {
         opset,
     };
     fold_batch_norms(&mut g)?;
+    crate::engine::fold_constants(&mut g)?;
     Ok(g)
 }
 
