@@ -128,3 +128,66 @@ pub fn time_kernel(
     }
     Ok(rec)
 }
+
+/// Times the int8 GEMM `kernel` (`gemm_u8i8_i32` or `gemm_i8i8_i32`) on an `m x k x n`
+/// problem with seeded codes, `threads` threads, A zero point `a_zero_point` (in the u8
+/// domain; the i8 kernel uses `a_zero_point - 128`). Median of timed calls filling about
+/// `target_s` seconds. Returns `{kernel, m, k, n, threads, isa, microkernel, ours_s,
+/// ours_gops, peak_gops, pct_of_peak}` (peak: [`quantbench_kernels::gemm::measured_peak_gops`]).
+pub fn time_gemm(
+    k: &Kernels,
+    kernel: &str,
+    (m, kk, n): (usize, usize, usize),
+    threads: usize,
+    a_zero_point: i32,
+    target_s: f64,
+    peak_gops: Option<f64>,
+) -> Result<Value, String> {
+    use quantbench_kernels::gemm::gemm_i32;
+    let signed = match kernel {
+        "gemm_u8i8_i32" => false,
+        "gemm_i8i8_i32" => true,
+        other => {
+            return Err(format!(
+                "--kernel {other}: expected gemm_u8i8_i32 or gemm_i8i8_i32"
+            ))
+        }
+    };
+    if m == 0 || kk == 0 || n == 0 {
+        return Err(format!("shape {m}x{kk}x{n}: every dimension must be >= 1"));
+    }
+    // seeded codes (xorshift64): the data do not change the time, only keep it honest
+    let mut s = 0x2545_F491_4F6C_DD1Du64 ^ (m * 31 + kk * 17 + n) as u64;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 24) as u8
+    };
+    let b: Vec<i8> = (0..kk * n).map(|_| next() as i8).collect();
+    let a: Vec<u8> = (0..m * kk).map(|_| next()).collect();
+    let mut c = vec![0i32; m * n];
+    let mk = k.gemm_microkernel();
+    let mut call: Box<dyn FnMut()> = if signed {
+        let a: Vec<i8> = a.iter().map(|&v| (v ^ 0x80) as i8).collect();
+        let p = k.pack_b::<i8>(&b, kk, n, &[0]).map_err(|e| e.to_string())?;
+        let za = a_zero_point - 128;
+        Box::new(move || gemm_i32(&a, m, za, &p, &mut c, threads).unwrap())
+    } else {
+        let p = k.pack_b::<u8>(&b, kk, n, &[0]).map_err(|e| e.to_string())?;
+        Box::new(move || gemm_i32(&a, m, a_zero_point, &p, &mut c, threads).unwrap())
+    };
+    let start = Instant::now();
+    call();
+    let one = start.elapsed().as_secs_f64().max(1e-7);
+    let reps = ((target_s / one) as usize).clamp(5, 5000);
+    let seconds = median_seconds(reps, &mut *call);
+    let gops = 2.0 * (m * kk * n) as f64 / seconds / 1e9;
+    Ok(json!({
+        "kernel": kernel, "m": m, "k": kk, "n": n, "threads": threads,
+        "isa": k.isa().name(), "microkernel": mk.name(),
+        "ours_s": seconds, "ours_gops": gops,
+        "peak_gops": peak_gops,
+        "pct_of_peak": peak_gops.map(|p| 100.0 * gops / (p * threads as f64)),
+    }))
+}

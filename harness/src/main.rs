@@ -145,6 +145,26 @@ enum Command {
         #[arg(long)]
         check_codes: Option<PathBuf>,
     },
+    /// Time the int8 GEMM on seeded codes (used by `cargo xtask compare gemm`); one JSON
+    /// line per shape and thread count.
+    #[command(hide = true)]
+    BenchGemm {
+        /// gemm_u8i8_i32 | gemm_i8i8_i32
+        #[arg(long)]
+        kernel: String,
+        /// Comma-separated MxKxN.
+        #[arg(long)]
+        shapes: String,
+        /// Comma-separated thread counts.
+        #[arg(long, default_value = "1")]
+        threads: String,
+        /// A's zero point (u8 domain).
+        #[arg(long, default_value_t = 0)]
+        a_zero_point: i32,
+        /// Seconds of timed calls per shape.
+        #[arg(long, default_value_t = 0.4)]
+        seconds: f64,
+    },
     /// Time the exact 1-D k-means of a .npy array (used by `cargo xtask compare kmeans`).
     #[command(hide = true)]
     BenchKmeans {
@@ -360,6 +380,47 @@ fn run(cli: Cli) -> Result<(), String> {
                 "ours_s": seconds, "ours_sse": fit.sse, "centroids": fit.codebook.len(),
             });
             print_line(&rec.to_string())?;
+        }
+        Command::BenchGemm {
+            kernel,
+            shapes,
+            threads,
+            a_zero_point,
+            seconds,
+        } => {
+            let peak = quantbench_kernels::gemm::measured_peak_gops(k.gemm_microkernel(), 0.5);
+            let threads: Vec<usize> = threads
+                .split(',')
+                .map(|t| {
+                    t.trim()
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|&t| t >= 1)
+                        .ok_or(format!("--threads: '{t}' is not a count >= 1"))
+                })
+                .collect::<Result<_, _>>()?;
+            for shape in shapes.split(',') {
+                let dims: Vec<usize> = shape
+                    .split('x')
+                    .map(|d| d.trim().parse::<usize>())
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| format!("--shapes: '{shape}' is not MxKxN"))?;
+                let [m, kk, n] = dims[..] else {
+                    return Err(format!("--shapes: '{shape}' is not MxKxN"));
+                };
+                for &t in &threads {
+                    let rec = quantbench::bench::time_gemm(
+                        &k,
+                        &kernel,
+                        (m, kk, n),
+                        t,
+                        a_zero_point,
+                        seconds,
+                        peak,
+                    )?;
+                    print_line(&rec.to_string())?;
+                }
+            }
         }
         Command::BenchKernel {
             kernel,

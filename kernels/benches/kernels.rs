@@ -206,5 +206,57 @@ fn kmeans_benches(c: &mut Criterion, isas: &[Isa]) {
     }
 }
 
-criterion_group!(kernels, benches);
+/// The int8 GEMM shapes of issue #4: squares, ResNet-20's im2col shapes at batch 64 and a
+/// transformer projection. Ids `gemm_u8i8_i32/{microkernel ISA}/{m}x{k}x{n}` and
+/// `gemm_i8i8_i32/...`; throughput in elements is 2*m*k*n, so criterion's "elem/s" reads as
+/// operations per second.
+fn gemm_benches(c: &mut Criterion) {
+    use quantbench_kernels::gemm::{gemm_i32, Microkernel, PackedB};
+    let shapes = [
+        (256usize, 256usize, 256usize),
+        (1024, 1024, 1024),
+        (128, 768, 768),
+        (65536, 27, 16),
+        (16384, 144, 32),
+        (4096, 576, 64),
+    ];
+    for signed in [false, true] {
+        let name = if signed {
+            "gemm_i8i8_i32"
+        } else {
+            "gemm_u8i8_i32"
+        };
+        let mut g = c.benchmark_group(name);
+        g.warm_up_time(Duration::from_millis(300));
+        g.measurement_time(Duration::from_secs(1));
+        g.sample_size(10);
+        for &(m, k, n) in &shapes {
+            let b: Vec<i8> = (0..k * n).map(|i| (i * 13 % 255) as u8 as i8).collect();
+            let a: Vec<u8> = (0..m * k).map(|i| (i * 7 % 251) as u8).collect();
+            let a_signed: Vec<i8> = a.iter().map(|&v| (v ^ 0x80) as i8).collect();
+            let mut out = vec![0i32; m * n];
+            g.throughput(Throughput::Elements((2 * m * k * n) as u64));
+            for mk in Microkernel::available() {
+                if mk == Microkernel::Scalar && m * k * n > 1 << 24 {
+                    continue;
+                }
+                let id = BenchmarkId::new(mk.isa().name(), format!("{m}x{k}x{n}"));
+                if signed {
+                    let p = PackedB::new::<i8>(mk, &b, k, n, &[0]).unwrap();
+                    g.bench_function(id, |bb| {
+                        bb.iter(|| gemm_i32(black_box(&a_signed), m, -3, &p, &mut out, 1).unwrap())
+                    });
+                } else {
+                    let p = PackedB::new::<u8>(mk, &b, k, n, &[0]).unwrap();
+                    g.bench_function(id, |bb| {
+                        bb.iter(|| gemm_i32(black_box(&a), m, 125, &p, &mut out, 1).unwrap())
+                    });
+                }
+            }
+        }
+        g.finish();
+    }
+}
+
+criterion_group!(kernels, benches, gemm_benches);
 criterion_main!(kernels);

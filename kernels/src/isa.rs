@@ -174,6 +174,12 @@ impl Kernels {
         Kernels { isa: active() }
     }
 
+    /// A handle for an ISA the caller already knows this CPU supports.
+    pub(crate) fn for_dispatch(isa: Isa) -> Kernels {
+        debug_assert!(isa.is_supported());
+        Kernels { isa }
+    }
+
     /// The ISA this handle dispatches to.
     pub fn isa(&self) -> Isa {
         self.isa

@@ -9,6 +9,7 @@
 //! | linear `r = S(q - Z)` | [`linear`] | min/max, quantize, dequantize, fake-quant, stochastic rounding |
 //! | fixed point Qm.n, dynamic fixed point | [`fixed_point`] | (the linear kernels with a power-of-two scale) |
 //! | integer-only requantization | [`integer_only`] | requantize i32 -> i8/u8/i16/u16, per tensor and per channel |
+//! | int8 GEMM (u8/i8 x i8 -> i32, fused requantize) | [`gemm`] | AVX-512 VNNI, AVX2, NEON sdot / smull microkernels |
 //! | k-means weight sharing | [`kmeans`] | assign (value -> nearest centroid), decode (index -> centroid); the exact 1-D clustering and centroid gradients are scalar algorithms |
 //! | bit-packing of 1..=8-bit codes | [`pack`] | scalar (runs once per stored tensor) |
 //!
@@ -19,6 +20,7 @@
 pub mod code;
 pub mod error;
 pub mod fixed_point;
+pub mod gemm;
 pub mod integer_only;
 pub mod isa;
 pub mod kmeans;

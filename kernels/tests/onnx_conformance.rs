@@ -8,41 +8,11 @@ mod common;
 
 use std::path::Path;
 
-use common::{data_root, isas};
+use common::{data_root, isas, tensor, Tensor};
 use quantbench_kernels::linear::qrange;
 use quantbench_kernels::pack::{pack_codes, unpack_codes};
 use quantbench_kernels::{ChannelLayout, Code, Kernels, LinearScheme, QuantParams};
 use serde_json::Value;
-
-struct Tensor {
-    dtype: String,
-    dims: Vec<usize>,
-    values: Vec<f64>,
-    bits: Vec<u32>,
-}
-
-fn tensor(v: &Value) -> Tensor {
-    let num = |x: &Value| match x {
-        Value::Number(n) => n.as_f64().unwrap(),
-        Value::String(s) => s.parse::<f64>().unwrap(),
-        other => panic!("unexpected value {other}"),
-    };
-    Tensor {
-        dtype: v["elem_type_name"].as_str().unwrap().to_string(),
-        dims: v["dims"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d.as_u64().unwrap() as usize)
-            .collect(),
-        values: v["values"].as_array().unwrap().iter().map(num).collect(),
-        bits: v
-            .get("bits")
-            .and_then(|b| b.as_array())
-            .map(|b| b.iter().map(|x| x.as_u64().unwrap() as u32).collect())
-            .unwrap_or_default(),
-    }
-}
 
 /// (bits, signed) of an ONNX integer element type we support.
 fn int_type(name: &str) -> Option<(u32, bool)> {

@@ -45,10 +45,11 @@ pub fn main(args: &[String]) -> Result<(), String> {
     match args.first().map(String::as_str) {
         Some("quantize") => {}
         Some("kmeans") => return crate::compare_kmeans::main(&args[1..]),
+        Some("gemm") => return crate::compare_gemm::main(&args[1..]),
         Some("model") => return crate::compare_model::main(&args[1..]),
         _ => {
             return Err(
-                "usage: cargo xtask compare (quantize | kmeans | model) [options]; see cargo xtask help"
+                "usage: cargo xtask compare (quantize | kmeans | gemm | model) [options]; see cargo xtask help"
                     .into(),
             )
         }

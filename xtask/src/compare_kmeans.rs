@@ -8,7 +8,9 @@ use std::process::Command;
 
 use serde_json::{json, Value};
 
-use crate::util::{cpu_model, git_revision, root, run, setup, utc_stamp, write_atomic, Setup};
+use crate::util::{
+    cpu_model, git_revision, list, root, run, setup, utc_stamp, write_atomic, Setup,
+};
 
 const SEED: u64 = 20_261_127;
 /// Above this many values the exact mode is not run by the comparison (its traceback and
@@ -28,17 +30,6 @@ fn data(dist: &str, n: usize) -> Vec<f32> {
                 let c = v - 0.5;
                 (-c.signum() * (1.0 - 2.0 * c.abs()).max(1e-300).ln()) as f32
             }
-        })
-        .collect()
-}
-
-fn list<T: std::str::FromStr>(flag: &str, v: Option<&String>) -> Result<Vec<T>, String> {
-    v.ok_or(format!("{flag} needs a value"))?
-        .split(',')
-        .map(|s| {
-            s.trim()
-                .parse::<T>()
-                .map_err(|_| format!("{flag}: '{s}' is not valid"))
         })
         .collect()
 }

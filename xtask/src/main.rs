@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: the project's automation, in Rust (no shell scripts). One file per task.
 
 mod compare;
+mod compare_gemm;
 mod compare_kmeans;
 mod compare_model;
 mod run;
@@ -22,6 +23,12 @@ tasks:
       ResNet-20 on CIFAR-10 against ONNX Runtime in one run: fp32 top-1 and single-thread
       latency (batch 1 and 64), and W8A8 per-channel MinMax (512 training images) top-1 against
       ORT's quantize_static (QDQ) with ORT's int8 latency
+  compare gemm [--shapes MxKxN,...] [--threads T,...] [--kernels gemm_u8i8_i32,gemm_i8i8_i32]
+               [--a-zero-point Z] [--out DIR]
+      the int8 GEMM against ONNX Runtime's MatMulInteger (and PyTorch's quantized Linear when
+      torch is installed) on the same shapes in alternating rounds; GOPS, % of the measured
+      per-core peak, ratio; default shapes: squares, ResNet-20 im2col (batch 1 and 64),
+      transformer projections
   run EXPERIMENT.toml [--out DIR] [--quiet]
       run an experiment (models x methods x bitwidths) with a release build of quantbench;
       results go to results/<name>/<UTC time>-<git sha>/ (or DIR, where finished cells are

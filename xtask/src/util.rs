@@ -116,3 +116,15 @@ impl SplitMix64 {
         ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
     }
 }
+
+/// A comma-separated option value parsed item by item (`--sizes 1,2,3`).
+pub fn list<T: std::str::FromStr>(flag: &str, v: Option<&String>) -> Result<Vec<T>, String> {
+    v.ok_or(format!("{flag} needs a value"))?
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse::<T>()
+                .map_err(|_| format!("{flag}: '{s}' is not valid"))
+        })
+        .collect()
+}

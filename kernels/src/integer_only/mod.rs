@@ -243,6 +243,32 @@ impl Kernels {
     }
 }
 
+impl Kernels {
+    /// [`Kernels::requantize`] without the checks (the GEMM epilogue validated them once).
+    pub(crate) fn requantize_unchecked<T: Code>(
+        &self,
+        acc: &[i32],
+        m: Multiplier,
+        output: &RequantOutput,
+        out: &mut [T],
+    ) {
+        debug_assert_eq!(acc.len(), out.len());
+        dispatch!(self, requantize::<T>(acc, m, output, out));
+    }
+
+    /// [`Kernels::requantize_per_channel`] without the checks.
+    pub(crate) fn requantize_per_channel_unchecked<T: Code>(
+        &self,
+        acc: &[i32],
+        m: &ChannelMultipliers,
+        output: &RequantOutput,
+        out: &mut [T],
+    ) {
+        debug_assert_eq!(acc.len(), out.len());
+        dispatch!(self, requantize_per_channel::<T>(acc, m, output, out));
+    }
+}
+
 /// Requantizes i32 to i8 on the active ISA.
 pub fn requantize_i32_i8(
     acc: &[i32],

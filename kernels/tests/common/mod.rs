@@ -86,3 +86,35 @@ pub fn data_root() -> std::path::PathBuf {
     }
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared")
 }
+
+/// One tensor of a conformance case.json (values as f64, `bits` for floating types).
+pub struct Tensor {
+    pub dtype: String,
+    pub dims: Vec<usize>,
+    pub values: Vec<f64>,
+    pub bits: Vec<u32>,
+}
+
+/// Reads a tensor of case.json.
+pub fn tensor(v: &serde_json::Value) -> Tensor {
+    let num = |x: &serde_json::Value| match x {
+        serde_json::Value::Number(n) => n.as_f64().unwrap(),
+        serde_json::Value::String(s) => s.parse::<f64>().unwrap(),
+        other => panic!("unexpected value {other}"),
+    };
+    Tensor {
+        dtype: v["elem_type_name"].as_str().unwrap().to_string(),
+        dims: v["dims"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect(),
+        values: v["values"].as_array().unwrap().iter().map(num).collect(),
+        bits: v
+            .get("bits")
+            .and_then(|b| b.as_array())
+            .map(|b| b.iter().map(|x| x.as_u64().unwrap() as u32).collect())
+            .unwrap_or_default(),
+    }
+}

@@ -1,0 +1,930 @@
+//! Integer GEMM, the integer-only inference primitive (Jacob et al. 2018): 8-bit activations
+//! `A [M x K]` (row-major, `u8` or `i8`) times `i8` weights `B [K x N]` packed once into a
+//! [`PackedB`], accumulated exactly in `i32`, with zero points on both sides and an optional
+//! fused epilogue (+ bias, integer-only requantization per tensor or per channel, + output
+//! zero point, clamp) that writes 8-bit codes.
+//!
+//! ## Semantics (the spec is [`scalar`])
+//! `C[i][j] = bias[j] + sum_k (A[i][k] - za) * (B[k][j] - zb[j])` in wrapping `i32`
+//! arithmetic (exact whenever the true value fits `i32`, which holds for
+//! `K <= 2^31 / 255^2 = 33,025` with any data; beyond that every path wraps identically).
+//!
+//! ## How the SIMD paths compute it
+//! Each microkernel computes a raw product of the (possibly shifted) codes and the driver
+//! removes the zero points and shifts afterwards with row sums of A and column sums of B
+//! (computed when B is packed):
+//! `C = raw - (alpha + zb[j]) * rowsum_A[i] - (beta + za) * colsum_B[j] + K * za * zb[j] + bias[j]`,
+//! where `raw = sum A*B + alpha * rowsum_A + beta * colsum_B` and `(alpha, beta)` is what the
+//! microkernel's operand shifts add (see [`Microkernel`]). All terms wrap mod 2^32, so the
+//! identity is exact in the ring and every path is bit-identical to the spec.
+//!
+//! ## Microkernels
+//! | name | ISA | operation | exactness |
+//! |---|---|---|---|
+//! | `avx512vnni_dpbusd` | AVX-512 VNNI | `vpdpbusd` u8 x s8, 4 products per i32 lane | no saturation (`vpdpbusd`, not `vpdpbusds`); `i8` A: B is stored `+128` as the unsigned operand and A is the signed one (`alpha = 128`) |
+//! | `avx2_maddwd_i16` | AVX2 | codes widened to i16, `vpmaddwd` | exact for all inputs: a product pair is at most `2 * 255 * 128 < 2^31` |
+//! | `neon_sdot` | NEON + dotprod | `sdot` (emitted with `asm!`) | `u8` A is shifted to `i8` (`a - 128`, `beta = -128`) |
+//! | `neon_smull_sadalp` | NEON | `smull` to i16 + `sadalp` | products of two i8 are at most `2^14` in magnitude |
+//! | `scalar` | any | the spec | - |
+//!
+//! Why AVX2 does not use `vpmaddubsw`: its i16 pair sums saturate for `u8 x i8` codes
+//! (`255 * -128 * 2 = -65280`), so an exact result needs either 7-bit weights or two passes.
+//! On Skylake-family cores `vpmaddubsw + vpmaddwd` and the widened `vpmaddwd` both spend two
+//! port-0/1 multiplies per 32 products, so the widened form is exact at the same peak.
+//!
+//! Blocking: rows in blocks of `MC`, columns in blocks of `NC`, K in blocks of `KC`; the
+//! microkernel keeps an `MR x NR` accumulator tile in registers and streams one packed B
+//! panel (`KC x NR`, 64-byte aligned) per tile. Threads split the rows.
+
+#[cfg(target_arch = "aarch64")]
+mod aarch64_neon;
+pub mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86_avx2;
+#[cfg(target_arch = "x86_64")]
+mod x86_avx512vnni;
+
+use crate::code::Code;
+use crate::error::{check_len, KernelError};
+use crate::integer_only::{ChannelMultipliers, Multiplier, RequantOutput};
+use crate::isa::{mark_ran, Isa, Kernels};
+
+/// 8-bit activation codes a GEMM accepts: `u8` or `i8`.
+pub trait ActCode: Code {
+    /// Whether the type is `i8`.
+    const SIGNED: bool;
+    /// The byte as stored.
+    fn to_byte(self) -> u8;
+}
+impl ActCode for u8 {
+    const SIGNED: bool = false;
+    #[inline(always)]
+    fn to_byte(self) -> u8 {
+        self
+    }
+}
+impl ActCode for i8 {
+    const SIGNED: bool = true;
+    #[inline(always)]
+    fn to_byte(self) -> u8 {
+        self as u8
+    }
+}
+
+/// One GEMM inner kernel (see the module table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Microkernel {
+    Scalar,
+    Avx2MaddwdI16,
+    Avx512VnniDpbusd,
+    NeonSdot,
+    NeonSmullSadalp,
+}
+
+impl Microkernel {
+    pub const ALL: [Microkernel; 5] = [
+        Microkernel::Scalar,
+        Microkernel::Avx2MaddwdI16,
+        Microkernel::Avx512VnniDpbusd,
+        Microkernel::NeonSdot,
+        Microkernel::NeonSmullSadalp,
+    ];
+
+    /// Name used in benchmark ids and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Microkernel::Scalar => "scalar",
+            Microkernel::Avx2MaddwdI16 => "avx2_maddwd_i16",
+            Microkernel::Avx512VnniDpbusd => "avx512vnni_dpbusd",
+            Microkernel::NeonSdot => "neon_sdot",
+            Microkernel::NeonSmullSadalp => "neon_smull_sadalp",
+        }
+    }
+
+    /// The dispatch level this microkernel belongs to.
+    pub fn isa(self) -> Isa {
+        match self {
+            Microkernel::Scalar => Isa::Scalar,
+            Microkernel::Avx2MaddwdI16 => Isa::Avx2,
+            Microkernel::Avx512VnniDpbusd => Isa::Avx512,
+            Microkernel::NeonSdot | Microkernel::NeonSmullSadalp => Isa::Neon,
+        }
+    }
+
+    /// Whether this CPU can run it.
+    pub fn is_supported(self) -> bool {
+        match self {
+            Microkernel::Scalar => true,
+            Microkernel::Avx2MaddwdI16 => Isa::Avx2.is_supported(),
+            #[cfg(target_arch = "x86_64")]
+            Microkernel::Avx512VnniDpbusd => {
+                Isa::Avx512.is_supported() && std::arch::is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(target_arch = "aarch64")]
+            Microkernel::NeonSdot => {
+                Isa::Neon.is_supported() && std::arch::is_aarch64_feature_detected!("dotprod")
+            }
+            Microkernel::NeonSmullSadalp => Isa::Neon.is_supported(),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// Every microkernel this CPU can run.
+    pub fn available() -> Vec<Microkernel> {
+        Microkernel::ALL
+            .into_iter()
+            .filter(|m| m.is_supported())
+            .collect()
+    }
+
+    /// The best microkernel of a dispatch level: AVX-512 without VNNI runs the AVX2 kernel,
+    /// NEON without dotprod the `smull` kernel.
+    pub fn for_isa(isa: Isa) -> Microkernel {
+        let pick = match isa {
+            Isa::Scalar => Microkernel::Scalar,
+            Isa::Avx2 => Microkernel::Avx2MaddwdI16,
+            Isa::Avx512 => Microkernel::Avx512VnniDpbusd,
+            Isa::Neon => Microkernel::NeonSdot,
+        };
+        if pick.is_supported() {
+            return pick;
+        }
+        match isa {
+            Isa::Avx512 => Microkernel::Avx2MaddwdI16,
+            Isa::Neon => Microkernel::NeonSmullSadalp,
+            _ => Microkernel::Scalar,
+        }
+    }
+
+    /// K is consumed in groups of this many codes (B is zero-padded to a multiple).
+    fn k_group(self) -> usize {
+        match self {
+            Microkernel::Scalar => 1,
+            Microkernel::Avx2MaddwdI16 => 2,
+            Microkernel::Avx512VnniDpbusd | Microkernel::NeonSdot => 4,
+            Microkernel::NeonSmullSadalp => 8,
+        }
+    }
+
+    /// Bytes per stored B element.
+    fn b_elem(self) -> usize {
+        match self {
+            Microkernel::Avx2MaddwdI16 => 2,
+            _ => 1,
+        }
+    }
+
+    /// `(MR, NR)`: the register tile for a GEMM with `n` columns.
+    fn tile(self, n: usize) -> (usize, usize) {
+        match self {
+            Microkernel::Scalar => (1, 1),
+            Microkernel::Avx512VnniDpbusd => match n {
+                0..=16 => (12, 16),
+                17..=32 => (8, 32),
+                33..=48 => (8, 48),
+                _ => (6, 64),
+            },
+            Microkernel::Avx2MaddwdI16 => match n {
+                0..=8 => (12, 8),
+                _ => (6, 16),
+            },
+            Microkernel::NeonSdot => (4, 16),
+            Microkernel::NeonSmullSadalp => (2, 8),
+        }
+    }
+
+    /// `(alpha, beta)`: the multiples of A's row sums and B's column sums the microkernel's
+    /// operand shifts add to `sum A*B` (see the module docs).
+    fn shifts(self, a_signed: bool) -> (i32, i32) {
+        match (self, a_signed) {
+            (Microkernel::Avx512VnniDpbusd, true) => (128, 0),
+            (Microkernel::NeonSdot | Microkernel::NeonSmullSadalp, false) => (0, -128),
+            _ => (0, 0),
+        }
+    }
+}
+
+/// The arithmetic peak of one core in GOPS (2 operations per multiply-add) for a
+/// microkernel, measured with a register-only loop of 24 independent `vpdpbusd` (about
+/// `seconds`). The AVX2 kernel's peak is a quarter of it: `vpmaddwd` on 256 bits issues on
+/// the same two ports as `vpdpbusd` on 512 bits with 16 instead of 64 multiply-adds.
+/// `None` where this build has no measurement (scalar, NEON, or no AVX-512 VNNI).
+pub fn measured_peak_gops(mk: Microkernel, seconds: f64) -> Option<f64> {
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (mk, seconds);
+        None
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !mk.is_supported() {
+            return None;
+        }
+        // multiply-adds per loop iteration, and the fraction of the VNNI loop's rate
+        let (per_iter, fraction, run): (f64, f64, unsafe fn(usize) -> i32) = match mk {
+            Microkernel::Avx512VnniDpbusd => (24.0 * 64.0, 1.0, x86_avx512vnni::peak_loop),
+            Microkernel::Avx2MaddwdI16 if Microkernel::Avx512VnniDpbusd.is_supported() => {
+                (24.0 * 64.0, 0.25, x86_avx512vnni::peak_loop)
+            }
+            _ => return None,
+        };
+        let mut iters = 1usize << 16;
+        loop {
+            let t = std::time::Instant::now();
+            // `black_box` after the clock read: the loop (a pure function) cannot be hoisted
+            // above it. SAFETY: supported (checked above).
+            std::hint::black_box(unsafe { run(std::hint::black_box(iters)) });
+            let dt = t.elapsed().as_secs_f64();
+            if dt >= seconds / 4.0 || iters >= 1 << 34 {
+                let mut best = dt;
+                for _ in 0..3 {
+                    let t = std::time::Instant::now();
+                    // SAFETY: as above.
+                    std::hint::black_box(unsafe { run(std::hint::black_box(iters)) });
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                return Some(fraction * 2.0 * per_iter * iters as f64 / best / 1e9);
+            }
+            iters *= 2;
+        }
+    }
+}
+
+impl Kernels {
+    /// The GEMM microkernel this handle's ISA runs.
+    pub fn gemm_microkernel(&self) -> Microkernel {
+        Microkernel::for_isa(self.isa())
+    }
+
+    /// Packs `B [k x n]` (row-major `i8`) with zero points `b_zero_points` (one, or one per
+    /// column, each in `[-128, 127]`) for GEMMs with activations of type `A`.
+    pub fn pack_b<A: ActCode>(
+        &self,
+        b: &[i8],
+        k: usize,
+        n: usize,
+        b_zero_points: &[i32],
+    ) -> Result<PackedB, KernelError> {
+        PackedB::new::<A>(self.gemm_microkernel(), b, k, n, b_zero_points)
+    }
+}
+
+/// 64 bytes, 64-byte aligned: the unit packed weights are stored in.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+/// Weights packed for one microkernel and one activation type, with the column sums the
+/// zero-point algebra needs. Pack once, multiply many times.
+#[derive(Clone)]
+pub struct PackedB {
+    mk: Microkernel,
+    a_signed: bool,
+    k: usize,
+    n: usize,
+    kp: usize,
+    mr: usize,
+    nr: usize,
+    lines: Vec<Line>,
+    /// `sum_k B[k][j]` of the original codes.
+    col_sums: Vec<i32>,
+    /// One zero point, or one per column.
+    zero_points: Vec<i32>,
+    /// The scalar path keeps B as given.
+    plain: Vec<i8>,
+}
+
+impl std::fmt::Debug for PackedB {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedB")
+            .field("microkernel", &self.mk.name())
+            .field("k", &self.k)
+            .field("n", &self.n)
+            .field("a_signed", &self.a_signed)
+            .finish()
+    }
+}
+
+impl PackedB {
+    /// Packs for a specific microkernel (it must run on this CPU). See [`Kernels::pack_b`].
+    pub fn new<A: ActCode>(
+        mk: Microkernel,
+        b: &[i8],
+        k: usize,
+        n: usize,
+        b_zero_points: &[i32],
+    ) -> Result<PackedB, KernelError> {
+        if !mk.is_supported() {
+            return Err(KernelError::UnsupportedIsa { isa: mk.isa() });
+        }
+        if k == 0 || n == 0 {
+            return Err(KernelError::Shape {
+                message: format!("pack_b: B is {k} x {n}; expected k >= 1 and n >= 1"),
+            });
+        }
+        let len = k.checked_mul(n).ok_or_else(|| KernelError::Shape {
+            message: format!("pack_b: {k} x {n} overflows"),
+        })?;
+        check_len("pack_b: B", len, b.len())?;
+        if b_zero_points.len() != 1 && b_zero_points.len() != n {
+            return Err(KernelError::Shape {
+                message: format!(
+                    "pack_b: {} B zero points; expected 1 or n = {n}",
+                    b_zero_points.len()
+                ),
+            });
+        }
+        if let Some(z) = b_zero_points.iter().find(|z| !(-128..=127).contains(*z)) {
+            return Err(KernelError::Range {
+                message: format!("pack_b: B zero point {z} is outside the i8 range [-128, 127]"),
+            });
+        }
+        let mut col_sums = vec![0i32; n];
+        for row in b.chunks_exact(n) {
+            for (s, &v) in col_sums.iter_mut().zip(row) {
+                *s += v as i32;
+            }
+        }
+        let g = mk.k_group();
+        let kp = k.div_ceil(g) * g;
+        let (mr, nr) = mk.tile(n);
+        let mut packed = PackedB {
+            mk,
+            a_signed: A::SIGNED,
+            k,
+            n,
+            kp,
+            mr,
+            nr,
+            lines: Vec::new(),
+            col_sums,
+            zero_points: b_zero_points.to_vec(),
+            plain: Vec::new(),
+        };
+        if mk == Microkernel::Scalar {
+            packed.plain = b.to_vec();
+            return Ok(packed);
+        }
+        // layout: [panel][k group][column in panel][code in group], zero padded
+        let panels = n.div_ceil(nr);
+        let elem = mk.b_elem();
+        let panel_bytes = kp * nr * elem;
+        let total = panels * panel_bytes;
+        packed.lines = vec![Line([0; 64]); total.div_ceil(64)];
+        // SAFETY: `lines` is `total` bytes (rounded up) of plain old data.
+        let bytes =
+            unsafe { std::slice::from_raw_parts_mut(packed.lines.as_mut_ptr() as *mut u8, total) };
+        let flip = mk == Microkernel::Avx512VnniDpbusd && A::SIGNED;
+        for p in 0..panels {
+            for kk in 0..k {
+                let (grp, within) = (kk / g, kk % g);
+                for jj in 0..nr {
+                    let j = p * nr + jj;
+                    if j >= n {
+                        break;
+                    }
+                    let v = b[kk * n + j];
+                    let at = p * panel_bytes + ((grp * nr + jj) * g + within) * elem;
+                    if elem == 2 {
+                        bytes[at..at + 2].copy_from_slice(&(v as i16).to_ne_bytes());
+                    } else {
+                        bytes[at] = if flip { (v as u8) ^ 0x80 } else { v as u8 };
+                    }
+                }
+            }
+        }
+        Ok(packed)
+    }
+
+    pub fn microkernel(&self) -> Microkernel {
+        self.mk
+    }
+    pub fn k(&self) -> usize {
+        self.k
+    }
+    pub fn n(&self) -> usize {
+        self.n
+    }
+    /// Bytes of packed weights held.
+    pub fn packed_bytes(&self) -> usize {
+        self.lines.len() * 64 + self.plain.len()
+    }
+
+    fn panel_ptr(&self, panel: usize, k_offset: usize) -> *const u8 {
+        let elem = self.mk.b_elem();
+        let at = (panel * self.kp * self.nr + k_offset * self.nr) * elem;
+        debug_assert!(at <= self.lines.len() * 64);
+        // SAFETY: in bounds of `lines` (checked above in debug builds; the driver only asks
+        // for panels < n / NR and offsets < kp).
+        unsafe { (self.lines.as_ptr() as *const u8).add(at) }
+    }
+
+    fn zero_point(&self, j: usize) -> i32 {
+        if self.zero_points.len() == 1 {
+            self.zero_points[0]
+        } else {
+            self.zero_points[j]
+        }
+    }
+}
+
+/// How the i32 accumulators are scaled back to 8 bits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OutputScale {
+    PerTensor(Multiplier),
+    PerChannel(ChannelMultipliers),
+}
+
+/// The fused epilogue: `out = clamp(requantize(C + bias) + zero_point)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Epilogue {
+    pub bias: Option<Vec<i32>>,
+    pub scale: OutputScale,
+    pub output: RequantOutput,
+}
+
+/// One register tile's work, shared by every microkernel.
+pub(crate) struct Tile {
+    /// A at row 0 of the tile and the block's first k (row-major, `lda` bytes per row), or
+    /// the packed A panel for microkernels that pack A.
+    pub a: *const u8,
+    pub lda: usize,
+    /// Full k groups in this block.
+    pub groups: usize,
+    /// Codes in a final partial group (0 when none).
+    pub tail: usize,
+    /// The packed B panel at the block's first k.
+    pub b: *const u8,
+    pub c: *mut i32,
+    pub ldc: usize,
+    /// Valid rows and columns of the tile.
+    pub rows: usize,
+    pub cols: usize,
+    /// Add to `c` instead of overwriting it.
+    pub accumulate: bool,
+    /// The last K block: add `row_add[i] + col_add[j]` before storing (the zero-point,
+    /// shift and bias terms).
+    pub last: bool,
+    pub row_add: *const i32,
+    pub col_add: *const i32,
+}
+
+const MC: usize = 240;
+const NC: usize = 512;
+const KC: usize = 1024;
+
+/// Where finished i32 rows go.
+enum Sink<'a, O: Code> {
+    I32 { c: &'a mut [i32] },
+    Codes { out: &'a mut [O], epi: &'a Epilogue },
+}
+
+fn check_call<A: ActCode>(
+    a: &[A],
+    m: usize,
+    a_zero_point: i32,
+    b: &PackedB,
+) -> Result<(), KernelError> {
+    if b.a_signed != A::SIGNED {
+        return Err(KernelError::Shape {
+            message: format!(
+                "gemm: B was packed for {} activations, called with {}",
+                if b.a_signed { "i8" } else { "u8" },
+                A::NAME
+            ),
+        });
+    }
+    if !(A::MIN..=A::MAX).contains(&a_zero_point) {
+        return Err(KernelError::Range {
+            message: format!(
+                "gemm: A zero point {a_zero_point} is outside the {} range [{}, {}]",
+                A::NAME,
+                A::MIN,
+                A::MAX
+            ),
+        });
+    }
+    let len = m.checked_mul(b.k).ok_or_else(|| KernelError::Shape {
+        message: format!("gemm: {m} x {} overflows", b.k),
+    })?;
+    check_len("gemm: A (m x k)", len, a.len())
+}
+
+/// `C = (A - za) (B - zb)` in i32; `C` is `[m x n]` row-major. `threads >= 1` split the rows.
+pub fn gemm_i32<A: ActCode>(
+    a: &[A],
+    m: usize,
+    a_zero_point: i32,
+    b: &PackedB,
+    c: &mut [i32],
+    threads: usize,
+) -> Result<(), KernelError> {
+    check_call(a, m, a_zero_point, b)?;
+    check_len("gemm: C (m x n)", m * b.n, c.len())?;
+    run::<A, i8>(a, m, a_zero_point, b, Sink::I32 { c }, threads);
+    Ok(())
+}
+
+/// `u8 x i8 -> i32`: see [`gemm_i32`].
+pub fn gemm_u8i8_i32(
+    a: &[u8],
+    m: usize,
+    a_zero_point: i32,
+    b: &PackedB,
+    c: &mut [i32],
+    threads: usize,
+) -> Result<(), KernelError> {
+    gemm_i32(a, m, a_zero_point, b, c, threads)
+}
+
+/// `i8 x i8 -> i32`: see [`gemm_i32`].
+pub fn gemm_i8i8_i32(
+    a: &[i8],
+    m: usize,
+    a_zero_point: i32,
+    b: &PackedB,
+    c: &mut [i32],
+    threads: usize,
+) -> Result<(), KernelError> {
+    gemm_i32(a, m, a_zero_point, b, c, threads)
+}
+
+/// The GEMM with the fused epilogue: 8-bit codes `out [m x n]` of type `O`.
+pub fn gemm_requantize<A: ActCode, O: Code>(
+    a: &[A],
+    m: usize,
+    a_zero_point: i32,
+    b: &PackedB,
+    epi: &Epilogue,
+    out: &mut [O],
+    threads: usize,
+) -> Result<(), KernelError> {
+    check_call(a, m, a_zero_point, b)?;
+    check_len("gemm: output (m x n)", m * b.n, out.len())?;
+    if let Some(bias) = &epi.bias {
+        check_len("gemm: bias", b.n, bias.len())?;
+    }
+    match &epi.scale {
+        OutputScale::PerTensor(mm) => {
+            Multiplier::new(mm.multiplier, mm.shift)?;
+        }
+        OutputScale::PerChannel(cm) => {
+            check_len("gemm: per-channel multipliers", b.n, cm.len())?;
+            for c in 0..cm.len() {
+                let mm = cm.get(c);
+                Multiplier::new(mm.multiplier, mm.shift)?;
+            }
+        }
+    }
+    if epi.output.act_min() < O::MIN || epi.output.act_max() > O::MAX {
+        return Err(KernelError::Range {
+            message: format!(
+                "gemm: output range [{}, {}] does not fit {} codes",
+                epi.output.act_min(),
+                epi.output.act_max(),
+                O::NAME
+            ),
+        });
+    }
+    run::<A, O>(a, m, a_zero_point, b, Sink::Codes { out, epi }, threads);
+    Ok(())
+}
+
+/// Splits the rows over threads and runs each share.
+fn run<A: ActCode, O: Code>(
+    a: &[A],
+    m: usize,
+    za: i32,
+    b: &PackedB,
+    sink: Sink<'_, O>,
+    threads: usize,
+) {
+    mark_ran(b.mk.isa());
+    if m == 0 {
+        return;
+    }
+    let n = b.n;
+    // below ~4M multiply-adds per thread, starting a thread costs more than it saves
+    let work = m * n * b.k;
+    let threads = threads
+        .clamp(1, m.div_ceil(b.mr).max(1))
+        .min((work >> 22).max(1));
+    let rows_per = m.div_ceil(threads).div_ceil(b.mr) * b.mr;
+    // SAFETY: ActCode types are one byte wide.
+    let a_bytes = unsafe { std::slice::from_raw_parts(a.as_ptr() as *const u8, a.len()) };
+    match sink {
+        Sink::I32 { c } => {
+            if threads == 1 {
+                rows_block::<A, O>(a_bytes, m, za, b, SinkRows::I32(c));
+                return;
+            }
+            std::thread::scope(|s| {
+                for (t, cc) in c.chunks_mut(rows_per * n).enumerate() {
+                    let r0 = t * rows_per;
+                    let rows = cc.len() / n;
+                    let ab = &a_bytes[r0 * b.k..(r0 + rows) * b.k];
+                    s.spawn(move || rows_block::<A, O>(ab, rows, za, b, SinkRows::I32(cc)));
+                }
+            });
+        }
+        Sink::Codes { out, epi } => {
+            if threads == 1 {
+                rows_block::<A, O>(a_bytes, m, za, b, SinkRows::Codes(out, epi));
+                return;
+            }
+            std::thread::scope(|s| {
+                for (t, oc) in out.chunks_mut(rows_per * n).enumerate() {
+                    let r0 = t * rows_per;
+                    let rows = oc.len() / n;
+                    let ab = &a_bytes[r0 * b.k..(r0 + rows) * b.k];
+                    s.spawn(move || rows_block::<A, O>(ab, rows, za, b, SinkRows::Codes(oc, epi)));
+                }
+            });
+        }
+    }
+}
+
+enum SinkRows<'a, O: Code> {
+    I32(&'a mut [i32]),
+    Codes(&'a mut [O], &'a Epilogue),
+}
+
+/// One thread's rows: `a` holds `m` rows of `b.k` bytes.
+fn rows_block<A: ActCode, O: Code>(
+    a: &[u8],
+    m: usize,
+    za: i32,
+    b: &PackedB,
+    mut sink: SinkRows<'_, O>,
+) {
+    let (n, k) = (b.n, b.k);
+    if b.mk == Microkernel::Scalar {
+        let mut c = vec![0i32; m * n];
+        let bias = match &sink {
+            SinkRows::Codes(_, epi) => epi.bias.as_deref(),
+            SinkRows::I32(_) => None,
+        };
+        // SAFETY: `a` is `m * k` bytes of `A` codes.
+        let a_codes = unsafe { std::slice::from_raw_parts(a.as_ptr() as *const A, a.len()) };
+        scalar::gemm_i32(a_codes, m, k, za, &b.plain, n, &b.zero_points, bias, &mut c);
+        finish_rows(&c, 0, m, 0, n, n, b, &mut sink);
+        return;
+    }
+    let (alpha, beta) = b.mk.shifts(A::SIGNED);
+    let per_channel_zb = b.zero_points.len() > 1;
+    let zb_t = if per_channel_zb { 0 } else { b.zero_points[0] };
+    let need_rowsum = alpha != 0 || b.zero_points.iter().any(|&z| z != 0);
+    let rowsum: Vec<i32> = if need_rowsum {
+        a.chunks_exact(k)
+            .map(|row| {
+                if A::SIGNED {
+                    row.iter().map(|&v| v as i8 as i32).sum()
+                } else {
+                    row.iter().map(|&v| v as i32).sum()
+                }
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let bias = match &sink {
+        SinkRows::Codes(_, epi) => epi.bias.as_deref(),
+        SinkRows::I32(_) => None,
+    };
+    let kk = k as i32;
+    let col_term: Vec<i32> = (0..n)
+        .map(|j| {
+            let zb = b.zero_point(j);
+            bias.map_or(0, |bb| bb[j])
+                .wrapping_sub((beta + za).wrapping_mul(b.col_sums[j]))
+                .wrapping_add(kk.wrapping_mul(za).wrapping_mul(zb))
+        })
+        .collect();
+    let row_coef = alpha + zb_t;
+    let row_term: Vec<i32> = if need_rowsum {
+        rowsum
+            .iter()
+            .map(|&r| r.wrapping_mul(row_coef).wrapping_neg())
+            .collect()
+    } else {
+        vec![0; m]
+    };
+
+    let (mr, nr) = (b.mr, b.nr);
+    let nc_max = NC.div_ceil(nr) * nr;
+    // i32 results go straight to C; codes go through an i32 tile and the epilogue
+    let (dest, ld_dest, mut tile) = match &mut sink {
+        SinkRows::I32(c) => (c.as_mut_ptr(), n, Vec::new()),
+        SinkRows::Codes(..) => {
+            let mut t = vec![0i32; MC * nc_max];
+            (t.as_mut_ptr(), nc_max, t)
+        }
+    };
+    let direct = tile.is_empty();
+    let packs_a = b.mk == Microkernel::Avx2MaddwdI16;
+    let mut apack: Vec<u32> = Vec::new();
+    for ic in (0..m).step_by(MC) {
+        let mc = MC.min(m - ic);
+        if packs_a {
+            pack_a_pairs::<A>(&a[ic * k..(ic + mc) * k], mc, k, b.kp, mr, &mut apack);
+        }
+        for jc in (0..n).step_by(nc_max) {
+            let nc = nc_max.min(n - jc);
+            // top-left of this block in the destination
+            let block = if direct {
+                // SAFETY: row ic < m, column jc < n of C (m x n).
+                unsafe { dest.add(ic * n + jc) }
+            } else {
+                tile.as_mut_ptr()
+            };
+            for pc in (0..b.kp).step_by(KC) {
+                let kc = KC.min(b.kp - pc);
+                let g = b.mk.k_group();
+                let real = kc.min(k.saturating_sub(pc));
+                for jr in (0..nc).step_by(nr) {
+                    let panel = (jc + jr) / nr;
+                    let bp = b.panel_ptr(panel, pc);
+                    for ir in (0..mc).step_by(mr) {
+                        let (a_ptr, lda, groups, tail) = if packs_a {
+                            // packed A: [MR block][k pair][MR] u32, pairs of i16
+                            let off = (ir / mr) * (b.kp / 2) * mr + (pc / 2) * mr;
+                            (
+                                // SAFETY: `apack` holds ceil(mc / MR) blocks of kp/2 x MR.
+                                unsafe { (apack.as_ptr() as *const u8).add(off * 4) },
+                                mr * 4,
+                                kc / 2,
+                                0,
+                            )
+                        } else {
+                            (
+                                // SAFETY: row ic + ir < m, column pc < k (real > 0 here).
+                                unsafe { a.as_ptr().add((ic + ir) * k + pc) },
+                                k,
+                                real / g,
+                                real % g,
+                            )
+                        };
+                        let t = Tile {
+                            a: a_ptr,
+                            lda,
+                            groups,
+                            tail,
+                            b: bp,
+                            // SAFETY: ir < mc rows, jr < nc columns of the block.
+                            c: unsafe { block.add(ir * ld_dest + jr) },
+                            ldc: ld_dest,
+                            rows: mr.min(mc - ir),
+                            cols: nr.min(nc - jr),
+                            accumulate: pc > 0,
+                            last: pc + KC >= b.kp,
+                            row_add: row_term[ic + ir..].as_ptr(),
+                            col_add: col_term[jc + jr..].as_ptr(),
+                        };
+                        // SAFETY: the microkernel is supported (checked when B was packed);
+                        // `t` describes in-bounds memory: A rows/columns as above, the B
+                        // panel of `kc` codes, a tile of `rows x cols` in the destination,
+                        // `rows` row terms and `cols` column terms.
+                        unsafe { call_microkernel(b.mk, A::SIGNED, mr, nr, &t) };
+                    }
+                }
+            }
+            if per_channel_zb {
+                for i in 0..mc {
+                    let rs = rowsum[ic + i];
+                    // SAFETY: row i < mc, columns < nc of the block.
+                    let row = unsafe { std::slice::from_raw_parts_mut(block.add(i * ld_dest), nc) };
+                    for (jj, v) in row.iter_mut().enumerate() {
+                        *v = v.wrapping_sub(b.zero_points[jc + jj].wrapping_mul(rs));
+                    }
+                }
+            }
+            if !direct {
+                finish_rows(&tile, ic, mc, jc, nc, nc_max, b, &mut sink);
+            }
+        }
+    }
+}
+
+/// Writes finished rows `[r0, r0 + rows)`, columns `[j0, j0 + cols)` from `tile` (row
+/// stride `ld`) to the sink.
+#[allow(clippy::too_many_arguments)]
+fn finish_rows<O: Code>(
+    tile: &[i32],
+    r0: usize,
+    rows: usize,
+    j0: usize,
+    cols: usize,
+    ld: usize,
+    b: &PackedB,
+    sink: &mut SinkRows<'_, O>,
+) {
+    let n = b.n;
+    let kern = Kernels::for_dispatch(b.mk.isa());
+    match sink {
+        SinkRows::I32(c) => {
+            for i in 0..rows {
+                c[(r0 + i) * n + j0..(r0 + i) * n + j0 + cols]
+                    .copy_from_slice(&tile[i * ld..i * ld + cols]);
+            }
+        }
+        SinkRows::Codes(out, epi) => {
+            let scale_block = match &epi.scale {
+                OutputScale::PerTensor(_) => None,
+                OutputScale::PerChannel(cm) => Some(ChannelMultipliers::new(
+                    &(j0..j0 + cols).map(|j| cm.get(j)).collect::<Vec<_>>(),
+                )),
+            };
+            for i in 0..rows {
+                let src = &tile[i * ld..i * ld + cols];
+                let dst = &mut out[(r0 + i) * n + j0..(r0 + i) * n + j0 + cols];
+                match (&epi.scale, &scale_block) {
+                    (OutputScale::PerTensor(mm), _) => {
+                        kern.requantize_unchecked(src, *mm, &epi.output, dst)
+                    }
+                    (_, Some(cm)) => {
+                        kern.requantize_per_channel_unchecked(src, cm, &epi.output, dst)
+                    }
+                    _ => unreachable!("per-channel scales build a block"),
+                }
+            }
+        }
+    }
+}
+
+/// Packs `mc` rows of A into `[ceil(mc / mr)][kp / 2][mr]` u32 values, each a pair of
+/// codes widened to i16 (low half = even k); rows past `mc` and k past `k` are zero.
+fn pack_a_pairs<A: ActCode>(
+    a: &[u8],
+    mc: usize,
+    k: usize,
+    kp: usize,
+    mr: usize,
+    dst: &mut Vec<u32>,
+) {
+    let blocks = mc.div_ceil(mr);
+    let pairs = kp / 2;
+    dst.clear();
+    dst.resize(blocks * pairs * mr, 0);
+    let widen = |v: u8| -> u32 {
+        if A::SIGNED {
+            (v as i8 as i16 as u16) as u32
+        } else {
+            v as u32
+        }
+    };
+    for i in 0..mc {
+        let row = &a[i * k..(i + 1) * k];
+        let base = (i / mr) * pairs * mr + i % mr;
+        for p in 0..pairs {
+            let lo = row.get(2 * p).map_or(0, |&v| widen(v));
+            let hi = row.get(2 * p + 1).map_or(0, |&v| widen(v));
+            dst[base + p * mr] = lo | (hi << 16);
+        }
+    }
+}
+
+/// # Safety
+/// `mk` runs on this CPU and `t` describes valid memory for a `mr x nr` tile.
+unsafe fn call_microkernel(mk: Microkernel, a_signed: bool, mr: usize, nr: usize, t: &Tile) {
+    match mk {
+        #[cfg(target_arch = "x86_64")]
+        Microkernel::Avx512VnniDpbusd => match (mr, nr, a_signed) {
+            (12, 16, false) => x86_avx512vnni::tile::<12, 1, false>(t),
+            (12, 16, true) => x86_avx512vnni::tile::<12, 1, true>(t),
+            (8, 32, false) => x86_avx512vnni::tile::<8, 2, false>(t),
+            (8, 32, true) => x86_avx512vnni::tile::<8, 2, true>(t),
+            (8, 48, false) => x86_avx512vnni::tile::<8, 3, false>(t),
+            (8, 48, true) => x86_avx512vnni::tile::<8, 3, true>(t),
+            (6, 64, false) => x86_avx512vnni::tile::<6, 4, false>(t),
+            (6, 64, true) => x86_avx512vnni::tile::<6, 4, true>(t),
+            _ => unreachable!("no avx512vnni tile {mr}x{nr}"),
+        },
+        #[cfg(target_arch = "x86_64")]
+        Microkernel::Avx2MaddwdI16 => match (mr, nr) {
+            (12, 8) => x86_avx2::tile::<12, 1>(t),
+            (6, 16) => x86_avx2::tile::<6, 2>(t),
+            _ => unreachable!("no avx2 tile {mr}x{nr}"),
+        },
+        #[cfg(target_arch = "aarch64")]
+        Microkernel::NeonSdot => {
+            if a_signed {
+                aarch64_neon::sdot_tile::<true>(t)
+            } else {
+                aarch64_neon::sdot_tile::<false>(t)
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        Microkernel::NeonSmullSadalp => {
+            if a_signed {
+                aarch64_neon::smull_tile::<true>(t)
+            } else {
+                aarch64_neon::smull_tile::<false>(t)
+            }
+        }
+        _ => {
+            let _ = (a_signed, mr, nr, t);
+            unreachable!("microkernel {} has no tile on this build", mk.name())
+        }
+    }
+}

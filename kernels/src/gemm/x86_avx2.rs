@@ -1,0 +1,70 @@
+//! AVX2 microkernel: codes widened to i16 and multiplied with `vpmaddwd` (two products
+//! summed into each i32 lane, exact for every input; see the module docs for why not
+//! `vpmaddubsw`). A is packed by the driver into `[k pair][MR]` u32 values, B into
+//! `[k pair][8 * NV columns][2]` i16.
+
+use std::arch::x86_64::*;
+
+use super::Tile;
+
+/// # Safety
+/// AVX2; `t` as documented on [`Tile`] with `t.a` a packed A block (`t.lda = 4 * MR`).
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn tile<const MR: usize, const NV: usize>(t: &Tile) {
+    let mut acc = [[_mm256_setzero_si256(); NV]; MR];
+    let mut a = t.a as *const i32;
+    let mut b = t.b;
+    for _ in 0..t.groups {
+        let mut bv = [_mm256_setzero_si256(); NV];
+        for (v, x) in bv.iter_mut().enumerate() {
+            *x = _mm256_loadu_si256(b.add(32 * v) as *const __m256i);
+        }
+        for (i, row) in acc.iter_mut().enumerate() {
+            let av = _mm256_set1_epi32(a.add(i).read());
+            for (v, x) in row.iter_mut().enumerate() {
+                *x = _mm256_add_epi32(*x, _mm256_madd_epi16(av, bv[v]));
+            }
+        }
+        a = a.add(MR);
+        b = b.add(32 * NV);
+    }
+    for (i, row) in acc.iter().enumerate().take(t.rows) {
+        let c = t.c.add(i * t.ldc);
+        for (v, &x) in row.iter().enumerate() {
+            let col = 8 * v;
+            if col >= t.cols {
+                break;
+            }
+            let p = c.add(col);
+            let left = t.cols - col;
+            let ra = *t.row_add.add(i);
+            if left >= 8 {
+                let mut x = if t.accumulate {
+                    _mm256_add_epi32(x, _mm256_loadu_si256(p as *const __m256i))
+                } else {
+                    x
+                };
+                if t.last {
+                    let ca = _mm256_loadu_si256(t.col_add.add(col) as *const __m256i);
+                    x = _mm256_add_epi32(x, _mm256_add_epi32(ca, _mm256_set1_epi32(ra)));
+                }
+                _mm256_storeu_si256(p as *mut __m256i, x);
+            } else {
+                let mut lanes = [0i32; 8];
+                _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, x);
+                for (l, &val) in lanes.iter().enumerate().take(left) {
+                    let d = p.add(l);
+                    let mut v = if t.accumulate {
+                        (*d).wrapping_add(val)
+                    } else {
+                        val
+                    };
+                    if t.last {
+                        v = v.wrapping_add(ra).wrapping_add(*t.col_add.add(col + l));
+                    }
+                    *d = v;
+                }
+            }
+        }
+    }
+}

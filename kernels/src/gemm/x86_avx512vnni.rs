@@ -1,0 +1,143 @@
+//! AVX-512 VNNI microkernel: `vpdpbusd` multiplies 4 unsigned bytes by 4 signed bytes and
+//! adds the four products to an i32 lane, without saturation.
+//!
+//! Tile `MR x 16*NV`: per group of 4 k the kernel loads NV vectors of B (16 columns x 4
+//! codes each), broadcasts 4 codes of each of the MR rows of A, and issues MR * NV
+//! `vpdpbusd`. `u8` A is the unsigned operand; for `i8` A the packed B holds `b + 128` and
+//! becomes the unsigned operand while A is the signed one (the driver removes `128 * rowsum`).
+
+use std::arch::x86_64::*;
+
+use super::Tile;
+
+/// The first `n < 4` bytes at `p`, zero-extended, broadcast to every lane (a masked load:
+/// the bytes past `n` are never read).
+#[inline(always)]
+unsafe fn broadcast_partial(p: *const u8, n: usize) -> __m512i {
+    let v = _mm_maskz_loadu_epi8(((1u32 << n) - 1) as __mmask16, p as *const i8);
+    _mm512_broadcastd_epi32(v)
+}
+
+/// The accumulators of one tile. A function of its own so that the accumulator array is
+/// only ever indexed by constants and stays in registers (with the stores in the same
+/// function LLVM kept a memory copy of all 24 accumulators, updated every iteration).
+#[inline(never)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn products<const MR: usize, const NV: usize, const SIGNED_A: bool>(
+    t: &Tile,
+) -> [[__m512i; NV]; MR] {
+    let mut acc = [[_mm512_setzero_si512(); NV]; MR];
+    let mut rows = [t.a; MR];
+    for (i, r) in rows.iter_mut().enumerate() {
+        *r = t.a.add(i.min(t.rows - 1) * t.lda);
+    }
+    let mut b = t.b;
+    for g in 0..t.groups {
+        let mut bv = [_mm512_setzero_si512(); NV];
+        for (v, x) in bv.iter_mut().enumerate() {
+            *x = _mm512_load_si512(b.add(64 * v) as *const _);
+        }
+        for i in 0..MR {
+            let av = _mm512_set1_epi32((rows[i].add(4 * g) as *const i32).read_unaligned());
+            for v in 0..NV {
+                acc[i][v] = if SIGNED_A {
+                    _mm512_dpbusd_epi32(acc[i][v], bv[v], av)
+                } else {
+                    _mm512_dpbusd_epi32(acc[i][v], av, bv[v])
+                };
+            }
+        }
+        b = b.add(64 * NV);
+    }
+    if t.tail > 0 {
+        let off = 4 * t.groups;
+        let mut bv = [_mm512_setzero_si512(); NV];
+        for (v, x) in bv.iter_mut().enumerate() {
+            *x = _mm512_load_si512(b.add(64 * v) as *const _);
+        }
+        for i in 0..MR {
+            let av = broadcast_partial(rows[i].add(off), t.tail);
+            for v in 0..NV {
+                acc[i][v] = if SIGNED_A {
+                    _mm512_dpbusd_epi32(acc[i][v], bv[v], av)
+                } else {
+                    _mm512_dpbusd_epi32(acc[i][v], av, bv[v])
+                };
+            }
+        }
+    }
+    acc
+}
+
+/// # Safety
+/// AVX-512 F/BW/VL + VNNI; `t` as documented on [`Tile`], B panel 64-byte aligned with
+/// `16 * NV` columns per group.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+#[allow(clippy::needless_range_loop)] // constant indices keep `acc` in registers
+pub unsafe fn tile<const MR: usize, const NV: usize, const SIGNED_A: bool>(t: &Tile) {
+    // the C tile is read back at the end: start fetching it now
+    for i in 0..MR.min(t.rows) {
+        for v in 0..NV {
+            _mm_prefetch::<_MM_HINT_T0>(t.c.add(i * t.ldc + 16 * v) as *const i8);
+        }
+    }
+    let acc = products::<MR, NV, SIGNED_A>(t);
+    // constant indices only (a loop over `acc` by reference would keep it in memory)
+    for i in 0..MR {
+        if i >= t.rows {
+            continue;
+        }
+        let c = t.c.add(i * t.ldc);
+        for v in 0..NV {
+            let col = 16 * v;
+            if col >= t.cols {
+                continue;
+            }
+            let left = t.cols - col;
+            let mask: __mmask16 = if left >= 16 {
+                0xFFFF
+            } else {
+                (1u16 << left) - 1
+            };
+            let p = c.add(col);
+            let mut x = acc[i][v];
+            if t.accumulate {
+                x = _mm512_add_epi32(x, _mm512_maskz_loadu_epi32(mask, p));
+            }
+            if t.last {
+                let add = _mm512_add_epi32(
+                    _mm512_maskz_loadu_epi32(mask, t.col_add.add(col)),
+                    _mm512_set1_epi32(*t.row_add.add(i)),
+                );
+                x = _mm512_add_epi32(x, add);
+            }
+            _mm512_mask_storeu_epi32(p, mask, x);
+        }
+    }
+}
+
+/// `iters` rounds of 24 independent `vpdpbusd` (the instruction's throughput bound, no
+/// memory traffic); returns a value that depends on all of them.
+#[inline(never)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn peak_loop(iters: usize) -> i32 {
+    let mut a = _mm512_set1_epi32(0x0101_0101);
+    let mut b = _mm512_set1_epi32(0x0102_0304);
+    let mut acc = [_mm512_setzero_si512(); 24];
+    for _ in 0..iters {
+        // opaque to the optimiser (no instruction): the loop cannot be folded away
+        std::arch::asm!(
+            "/* {0} {1} */",
+            inout(zmm_reg) a,
+            inout(zmm_reg) b,
+            options(pure, nomem, nostack)
+        );
+        for x in acc.iter_mut() {
+            *x = _mm512_dpbusd_epi32(*x, a, b);
+        }
+    }
+    for i in 1..24 {
+        acc[0] = _mm512_add_epi32(acc[0], acc[i]);
+    }
+    _mm512_reduce_add_epi32(acc[0])
+}
