@@ -5,8 +5,9 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::data::{Dataset, Normalization};
+use crate::engine::int8::Int8Model;
 use crate::engine::{EdgeHook, Engine};
-use crate::model::Graph;
+use crate::model::{Graph, Tensor};
 
 #[derive(Clone, Debug)]
 pub struct EvalOptions {
@@ -102,8 +103,38 @@ pub fn check_model_fits(graph: &Graph, data: &Dataset, batch: usize) -> Result<u
 }
 
 /// Runs the whole data set through the graph and scores it.
+/// Something that maps a batch of images to logits: the f32 [`Engine`] (with an optional
+/// [`EdgeHook`]) or the integer-only [`Int8Model`] (which takes no hook).
+pub trait Forward: Sync {
+    fn graph(&self) -> &Graph;
+    fn forward(&self, x: Tensor, hook: Option<&dyn EdgeHook>) -> Result<Tensor, String>;
+}
+
+impl Forward for Engine<'_> {
+    fn graph(&self) -> &Graph {
+        Engine::graph(self)
+    }
+    fn forward(&self, x: Tensor, hook: Option<&dyn EdgeHook>) -> Result<Tensor, String> {
+        self.run(x, hook)
+    }
+}
+
+impl Forward for Int8Model {
+    fn graph(&self) -> &Graph {
+        Int8Model::graph(self)
+    }
+    fn forward(&self, x: Tensor, hook: Option<&dyn EdgeHook>) -> Result<Tensor, String> {
+        if hook.is_some() {
+            return Err(
+                "integer_only: the int8 path has no edge hooks (its values are codes)".into(),
+            );
+        }
+        self.run(x)
+    }
+}
+
 pub fn evaluate(
-    engine: &Engine,
+    engine: &dyn Forward,
     data: &Dataset,
     norm: &Normalization,
     opts: &EvalOptions,
@@ -128,7 +159,7 @@ pub fn evaluate(
                 let range = b * batch..((b + 1) * batch).min(n);
                 let len = range.len();
                 let x = data.batch(range, norm);
-                match engine.run(x, hook) {
+                match engine.forward(x, hook) {
                     Ok(out) => {
                         let classes = out.len() / len.max(1);
                         results.lock().expect("lock").push((b, out.data, classes));

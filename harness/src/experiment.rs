@@ -562,7 +562,7 @@ impl Experiment {
             .granularity
             .as_ref()
             .map_or(vec![Granularity::PerChannel], |g| g.to_vec());
-        let acts: Vec<Option<u32>> = spec
+        let mut acts: Vec<Option<u32>> = spec
             .act_bits
             .as_ref()
             .map_or(vec![32], |a| a.to_vec())
@@ -661,10 +661,43 @@ impl Experiment {
                 }
             }
             MethodKind::IntegerOnly => {
-                return Err(format!(
-                    "{key}: integer_only is not available yet: it executes through the int8 GEMM of issue #4, which has not landed. \
-                     Use method = \"linear\" with bits = 8, granularity = \"per_channel\", act_bits = 8 for its fake-quant simulation."
-                ));
+                // the real int8 path: u8 activations, i8 per-channel symmetric weights
+                reject("int_bits", spec.int_bits.is_some())?;
+                if let Some(b) = spec.bits.as_ref().map(|b| b.to_vec()) {
+                    if b != [8] {
+                        return Err(format!(
+                            "{key}: integer_only runs 8-bit weights; bits = {b:?}"
+                        ));
+                    }
+                }
+                if spec
+                    .symmetric
+                    .as_ref()
+                    .is_some_and(|s| s.to_vec().contains(&false))
+                {
+                    return Err(format!(
+                        "{key}: integer_only weights are symmetric (zero point 0)"
+                    ));
+                }
+                if grans != [Granularity::PerChannel] {
+                    return Err(format!(
+                        "{key}: integer_only weights are quantized per channel; granularity must be \"per_channel\""
+                    ));
+                }
+                match spec.act_bits.as_ref().map(|a| a.to_vec()) {
+                    None => acts = vec![Some(8)],
+                    Some(a) if a == [8] => {}
+                    Some(a) => {
+                        return Err(format!(
+                            "{key}: integer_only runs 8-bit activations; act_bits = {a:?}"
+                        ))
+                    }
+                }
+                schemes.push(WeightScheme::Linear {
+                    bits: 8,
+                    granularity: Granularity::PerChannel,
+                    symmetric: true,
+                });
             }
             MethodKind::Hybrid => {
                 let d = spec.default.as_ref().ok_or_else(|| {
@@ -713,10 +746,10 @@ impl Experiment {
                     vec![None]
                 };
                 for c in calib_list {
-                    let mut tag = if spec.method == MethodKind::Hybrid {
-                        format!("hybrid-{}", slug(&label))
-                    } else {
-                        w.tag()
+                    let mut tag = match spec.method {
+                        MethodKind::Hybrid => format!("hybrid-{}", slug(&label)),
+                        MethodKind::IntegerOnly => format!("int8-{}", w.tag()),
+                        _ => w.tag(),
                     };
                     if let Some(b) = a {
                         tag.push_str(&format!("-a{b}{}", c.map_or("", |c| c.name())));

@@ -84,6 +84,7 @@ fn frame(rows: &[Row]) -> PolarsResult<DataFrame> {
             col!("top1", |r: &Row| r.top1),
             col!("top1_delta", |r: &Row| r.top1_delta),
             col!("top5", |r: &Row| r.top5),
+            col!("sim_top1", |r: &Row| r.sim_top1),
             col!("size_bytes", |r: &Row| r.size_bytes),
             col!("compression", |r: &Row| r.compression),
             col!("weight_sqnr_db", |r: &Row| r.weight_sqnr_db),

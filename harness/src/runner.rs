@@ -32,6 +32,9 @@ pub struct Row {
     pub symmetric: Option<bool>,
     pub calibration: String,
     pub top1: f64,
+    /// integer_only: top-1 of the fake-quant simulation of the same scheme.
+    #[serde(default)]
+    pub sim_top1: Option<f64>,
     pub top1_delta: f64,
     pub top5: f64,
     pub size_bytes: u64,
@@ -208,35 +211,87 @@ pub fn run_experiment(path: &Path, opts: &RunOptions) -> Result<RunSummary, Stri
             }
             _ => None,
         };
-        let engine = Engine::new(&sim);
-        let hook = act.map(|p| FakeQuantHook { k: &k, params: p });
         let opts_cell = EvalOptions {
             label: short_label(&cell.id),
             ..eval_opts.clone()
         };
-        let r = evaluate(
-            &engine,
-            &data,
-            &norm,
-            &opts_cell,
-            hook.as_ref().map(|h| h as &dyn crate::engine::EdgeHook),
-        )
-        .map_err(|e| format!("cell {}: {e}", cell.id))?;
         let mut cell_latency = Vec::new();
-        if cell.method == MethodKind::Fp32 {
+        let mut sim_top1 = None;
+        let r = if cell.method == MethodKind::IntegerOnly {
+            let req = CalibRequest {
+                bits: 8,
+                method: cell.act.calibration.unwrap_or(CalibMethod::Minmax),
+                percentile: exp.calibration.percentile,
+            };
+            let cd = calib_data
+                .as_ref()
+                .expect("loaded when any cell quantizes activations");
+            let quiet = EvalOptions {
+                progress: false,
+                ..eval_opts.clone()
+            };
+            let model = crate::engine::int8::build(&k, graph, cd, &norm, &quiet, req)
+                .map_err(|e| format!("cell {}: {e}", cell.id))?;
+            let r = evaluate(&model, &data, &norm, &opts_cell, None)
+                .map_err(|e| format!("cell {}: {e}", cell.id))?;
+            // the fake-quant simulation of the same scheme, for the 0.1 pp check
+            let (sim_graph, points) = model.simulation()?;
+            let hook = FakeQuantHook {
+                k: &k,
+                params: &points,
+            };
+            let sim_opts = EvalOptions {
+                label: format!("{} (simulation)", short_label(&cell.id)),
+                ..eval_opts.clone()
+            };
+            let s = evaluate(
+                &Engine::new(&sim_graph),
+                &data,
+                &norm,
+                &sim_opts,
+                Some(&hook),
+            )
+            .map_err(|e| format!("cell {}: simulation: {e}", cell.id))?;
+            sim_top1 = Some(s.top1);
             for &b in &exp.latency.batch_sizes {
-                let ms = measure_latency(&engine, &data, &norm, b, exp.latency.repetitions)?;
+                let ms = measure_latency(&model, &data, &norm, b, exp.latency.repetitions)?;
                 cell_latency.push(LatencyRecord {
                     model: cell.model.clone(),
-                    method: "fp32".into(),
+                    method: "integer_only".into(),
                     batch: b,
                     threads: 1,
                     ms_per_batch: ms,
                     ms_per_image: ms / b as f64,
                 });
             }
-        }
-        let row = make_row(
+            r
+        } else {
+            let engine = Engine::new(&sim);
+            let hook = act.map(|p| FakeQuantHook { k: &k, params: p });
+            let r = evaluate(
+                &engine,
+                &data,
+                &norm,
+                &opts_cell,
+                hook.as_ref().map(|h| h as &dyn crate::engine::EdgeHook),
+            )
+            .map_err(|e| format!("cell {}: {e}", cell.id))?;
+            if cell.method == MethodKind::Fp32 {
+                for &b in &exp.latency.batch_sizes {
+                    let ms = measure_latency(&engine, &data, &norm, b, exp.latency.repetitions)?;
+                    cell_latency.push(LatencyRecord {
+                        model: cell.model.clone(),
+                        method: "fp32".into(),
+                        batch: b,
+                        threads: 1,
+                        ms_per_batch: ms,
+                        ms_per_image: ms / b as f64,
+                    });
+                }
+            }
+            r
+        };
+        let mut row = make_row(
             cell,
             &qm,
             &r,
@@ -245,6 +300,7 @@ pub fn run_experiment(path: &Path, opts: &RunOptions) -> Result<RunSummary, Stri
             &exp,
             k.isa().name(),
         );
+        row.sim_top1 = sim_top1;
         log(&format!(
             "[{}/{total}] {}: top1 {:.2} %, {} bytes, {:.1} s",
             i + 1,
@@ -308,7 +364,7 @@ fn short_label(id: &str) -> String {
 
 /// Median wall time of `reps` single-thread runs at batch `b` (after one warm-up run).
 fn measure_latency(
-    engine: &Engine,
+    engine: &dyn crate::eval::Forward,
     data: &Dataset,
     norm: &Normalization,
     b: usize,
@@ -342,11 +398,11 @@ fn measure_latency(
             engine.graph().input_shape[0]
         ));
     }
-    engine.run(x.clone(), None)?;
+    engine.forward(x.clone(), None)?;
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps {
         let t = Instant::now();
-        engine.run(x.clone(), None)?;
+        engine.forward(x.clone(), None)?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(|a, b| a.total_cmp(b));
@@ -394,6 +450,7 @@ fn make_row(
             .calibration
             .map_or("-".into(), |c| c.name().to_string()),
         top1: r.top1,
+        sim_top1: None,
         top1_delta: 0.0,
         top5: r.top5,
         size_bytes,

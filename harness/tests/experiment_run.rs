@@ -108,6 +108,20 @@ fn smoke_experiment_writes_every_result_and_resumes() {
         by("km2pt").top1
     );
     assert!(by("lin8pcs-a8minmax").act_bits == 8 && by("lin8pcs-a8minmax").calibration == "minmax");
+    // integer_only: the real int8 path, its simulation alongside, latency measured
+    let int8 = by("int8-lin8pcs-a8minmax");
+    let sim = int8.sim_top1.expect("integer_only reports its simulation");
+    assert!(
+        (int8.top1 - sim).abs() <= 2.0 / 256.0 + 1e-9,
+        "int8 {} vs simulation {sim} on 256 images",
+        int8.top1
+    );
+    assert!((int8.top1 - fp32.top1).abs() < 0.03, "{}", int8.top1);
+    assert!(int8.latency_ms_b1.is_some() && int8.latency_ms_bn.is_some());
+    assert!(rows
+        .iter()
+        .filter(|r| r.method != "integer_only")
+        .all(|r| r.sim_top1.is_none()));
     let w4 = by("lin4pcs").weight_sqnr_db.unwrap();
     let w8 = by("lin8pcs").weight_sqnr_db.unwrap();
     assert!(
@@ -128,6 +142,7 @@ fn smoke_experiment_writes_every_result_and_resumes() {
         "top1",
         "top1_delta",
         "top5",
+        "sim_top1",
         "size_bytes",
         "compression",
         "weight_sqnr_db",
@@ -228,12 +243,39 @@ fn configuration_errors_name_the_key_line_and_column() {
         e.contains("missing.onnx") && e.contains("does not exist"),
         "{e}"
     );
-    let e = Experiment::parse(
-        &format!("{BASE}\n[[methods]]\nmethod = \"integer_only\"\n"),
+    for (extra, want) in [
+        ("bits = 4", "integer_only runs 8-bit weights"),
+        ("act_bits = 6", "integer_only runs 8-bit activations"),
+        (
+            "granularity = \"per_tensor\"",
+            "granularity must be \"per_channel\"",
+        ),
+        ("symmetric = false", "symmetric (zero point 0)"),
+        ("int_bits = 2", "'int_bits' does not apply"),
+    ] {
+        let e = Experiment::parse(
+            &format!("{BASE}\n[[methods]]\nmethod = \"integer_only\"\n{extra}\n"),
+            Some(&r),
+        )
+        .unwrap_err();
+        assert!(e.contains(want), "{extra}: {e}");
+    }
+    let exp = Experiment::parse(
+        &format!(
+            "{BASE}\n[[methods]]\nmethod = \"integer_only\"\ncalibration = [\"minmax\", \"mse\"]\n"
+        ),
         Some(&r),
     )
-    .unwrap_err();
-    assert!(e.contains("issue #4"), "{e}");
+    .unwrap();
+    let ids: Vec<String> = exp.cells().unwrap().iter().map(|c| c.id.clone()).collect();
+    assert!(
+        ids.contains(&"m--int8-lin8pcs-a8minmax".to_string()),
+        "{ids:?}"
+    );
+    assert!(
+        ids.contains(&"m--int8-lin8pcs-a8mse".to_string()),
+        "{ids:?}"
+    );
     // Grid expansion: 2 bits x 2 granularities x 2 activation settings, plus the fp32 row.
     let exp = Experiment::parse(
         &format!("{BASE}\n[[methods]]\nmethod = \"linear\"\nbits = [8, 4]\ngranularity = [\"per_tensor\", \"per_channel\"]\nact_bits = [32, 8]\n"),

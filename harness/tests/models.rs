@@ -131,3 +131,100 @@ fn data_files_of_the_wrong_size_or_missing_are_clear_errors() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn resnet20_integer_only_matches_its_fake_quant_simulation() {
+    use quantbench::calib::{CalibRequest, FakeQuantHook};
+    use quantbench::engine::int8;
+    use quantbench::experiment::CalibMethod;
+    use quantbench_kernels::Kernels;
+    let root = root();
+    let g = Graph::load(&root.join("models/resnet20/resnet20.onnx")).unwrap();
+    let norm = DatasetKind::Cifar10.default_normalization();
+    let mut calib = Dataset::load(&root, DatasetKind::Cifar10, Split::Train).unwrap();
+    calib.truncate(512);
+    let mut test = Dataset::load(&root, DatasetKind::Cifar10, Split::Test).unwrap();
+    test.truncate(2000);
+    let k = Kernels::active();
+    let req = CalibRequest {
+        bits: 8,
+        method: CalibMethod::Minmax,
+        percentile: 99.99,
+    };
+    let model = int8::build(&k, &g, &calib, &norm, &quiet(), req).unwrap();
+    let real = evaluate(&model, &test, &norm, &quiet(), None).unwrap();
+    let (sim_graph, points) = model.simulation().unwrap();
+    let hook = FakeQuantHook {
+        k: &k,
+        params: &points,
+    };
+    let sim = evaluate(
+        &Engine::new(&sim_graph),
+        &test,
+        &norm,
+        &quiet(),
+        Some(&hook),
+    )
+    .unwrap();
+    let fp32 = evaluate(&Engine::new(&g), &test, &norm, &quiet(), None).unwrap();
+    let agree = real
+        .predictions()
+        .iter()
+        .zip(sim.predictions())
+        .filter(|(a, b)| **a == *b)
+        .count();
+    eprintln!(
+        "2000 images: fp32 {:.2} %, integer_only {:.2} %, simulation {:.2} %, same prediction {agree}",
+        fp32.top1 * 100.0,
+        real.top1 * 100.0,
+        sim.top1 * 100.0
+    );
+    // within 0.1 pp of its simulation (2 of 2000 images) and within 1 pp of fp32
+    assert!((real.top1 - sim.top1).abs() <= 0.001 + 1e-9);
+    assert!((real.top1 - fp32.top1).abs() <= 0.01);
+    // single codes that differ by one near rounding ties flip a few borderline images
+    assert!(agree >= 1950, "{agree} of 2000 predictions agree");
+}
+
+#[test]
+fn integer_only_names_the_node_it_cannot_run() {
+    use quantbench::calib::CalibRequest;
+    use quantbench::engine::int8;
+    use quantbench::experiment::CalibMethod;
+    use quantbench::model::Op;
+    let root = root();
+    let mut g = Graph::load(&root.join("models/resnet20/resnet20.onnx")).unwrap();
+    let last = g.nodes.len() - 1;
+    g.nodes[last].op = Op::Softmax {
+        axis: 1,
+        legacy: false,
+    };
+    g.nodes[last].inputs.truncate(1);
+    let mut calib = Dataset::load(&root, DatasetKind::Cifar10, Split::Train).unwrap();
+    calib.truncate(8);
+    let req = CalibRequest {
+        bits: 8,
+        method: CalibMethod::Minmax,
+        percentile: 99.99,
+    };
+    let k = quantbench_kernels::Kernels::active();
+    let norm = DatasetKind::Cifar10.default_normalization();
+    let e = int8::build(&k, &g, &calib, &norm, &quiet(), req)
+        .err()
+        .expect("Softmax has no integer kernel");
+    assert!(
+        e.contains("integer_only: node") && e.contains("(Softmax): no integer kernel"),
+        "{e}"
+    );
+    let e = int8::build(
+        &k,
+        &g,
+        &calib,
+        &norm,
+        &quiet(),
+        CalibRequest { bits: 4, ..req },
+    )
+    .err()
+    .unwrap();
+    assert!(e.contains("activations are 8-bit, not 4"), "{e}");
+}

@@ -285,3 +285,66 @@ fn bad_calls_are_errors() {
     );
     assert!(RequantOutput::new(0, 10, 5).is_err());
 }
+
+#[test]
+fn quantized_add_is_bit_exact_on_every_isa_and_close_to_the_real_sum() {
+    use quantbench_kernels::integer_only::add::{add_one, AddParams};
+    let mut rng = common::Rng::new(0xADD);
+    for (sa, za, sb, zb, sy, zy, relu) in [
+        (0.02f32, 0, 0.05f32, 3, 0.06f32, 10, false),
+        (0.11, 128, 0.013, 7, 0.09, 0, true),
+        (0.5, 255, 0.5, 0, 1.0, 128, false),
+        // an output multiplier above 1 (left shift): AVX-512 falls back to the compiled loop
+        (1.0, 0, 1.0, 0, 1e-7, 0, false),
+    ] {
+        let output = RequantOutput::new(zy, if relu { zy } else { 0 }, 255).unwrap();
+        let p = AddParams::new((sa, za), (sb, zb), sy, output).unwrap();
+        let n = 1000 + 37;
+        let a: Vec<u8> = (0..n).map(|_| rng.range_i32(0, 255) as u8).collect();
+        let b: Vec<u8> = (0..n).map(|_| rng.range_i32(0, 255) as u8).collect();
+        let want: Vec<u8> = a
+            .iter()
+            .zip(&b)
+            .map(|(&x, &y)| add_one(x as i32, y as i32, &p) as u8)
+            .collect();
+        for (i, (&x, &y)) in a.iter().zip(&b).enumerate() {
+            let real = sa * (x as i32 - za) as f32 + sb * (y as i32 - zb) as f32;
+            let lo = if relu { zy } else { 0 };
+            let ideal = ((real / sy).round() as i32 + zy).clamp(lo, 255);
+            assert!(
+                (want[i] as i32 - ideal).abs() <= 1,
+                "element {i}: {x}, {y} -> {} but the real sum rounds to {ideal}",
+                want[i]
+            );
+        }
+        for isa in common::isas() {
+            let k = Kernels::new(isa).unwrap();
+            let mut got = vec![0u8; n];
+            k.add_requantize(&a, &b, &p, &mut got).unwrap();
+            assert_eq!(got, want, "{isa}");
+        }
+    }
+    let k = Kernels::scalar();
+    let p = AddParams::new(
+        (0.1, 0),
+        (0.1, 0),
+        0.1,
+        RequantOutput::new(0, 0, 255).unwrap(),
+    )
+    .unwrap();
+    let e = k
+        .add_requantize(&[1u8, 2], &[1u8], &p, &mut [0u8; 2])
+        .unwrap_err();
+    assert!(e.to_string().contains("add_requantize: b"), "{e}");
+    let p8 = AddParams::new(
+        (0.1, 0),
+        (0.1, 0),
+        0.1,
+        RequantOutput::new(0, 0, 255).unwrap(),
+    )
+    .unwrap();
+    let e = k
+        .add_requantize(&[1i8, 2], &[1i8, 3], &p8, &mut [0i8; 2])
+        .unwrap_err();
+    assert!(e.to_string().contains("does not fit i8"), "{e}");
+}

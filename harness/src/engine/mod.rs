@@ -7,6 +7,7 @@
 //! activation as it is produced: fake-quant at edges, calibration statistics.
 
 mod conv_gemm;
+pub mod int8;
 mod ops;
 
 pub use conv_gemm::PackedWeight;

@@ -140,7 +140,7 @@ fn strides_of(shape: &[usize]) -> Vec<usize> {
 }
 
 /// out[i] = src[offset + sum(i_d * strides[d])] over all indices of `shape`.
-fn strided_gather(src: &[f32], offset: isize, shape: &[usize], strides: &[isize]) -> Vec<f32> {
+fn strided_gather<T: Copy>(src: &[T], offset: isize, shape: &[usize], strides: &[isize]) -> Vec<T> {
     let n: usize = shape.iter().product();
     let mut out = Vec::with_capacity(n);
     if n == 0 {
@@ -658,9 +658,22 @@ fn transpose(x: &Tensor, perm: Option<&[usize]>) -> R<Tensor> {
 }
 
 fn slice(x: &Tensor, starts: &[i64], ends: &[i64], axes: &[i64], steps: &[i64]) -> R<Tensor> {
-    let r = x.shape.len();
-    let s = strides_of(&x.shape);
-    let mut shape = x.shape.clone();
+    let (shape, data) = slice_nd(&x.data, &x.shape, starts, ends, axes, steps)?;
+    Ok(Tensor::new(shape, data))
+}
+
+/// ONNX Slice of a row-major array of any element type: the output shape and elements.
+pub(crate) fn slice_nd<T: Copy>(
+    data: &[T],
+    dims: &[usize],
+    starts: &[i64],
+    ends: &[i64],
+    axes: &[i64],
+    steps: &[i64],
+) -> R<(Vec<usize>, Vec<T>)> {
+    let r = dims.len();
+    let s = strides_of(dims);
+    let mut shape = dims.to_vec();
     let mut strides: Vec<isize> = s.iter().map(|&v| v as isize).collect();
     let mut offset = 0isize;
     let mut seen = vec![false; r];
@@ -669,7 +682,7 @@ fn slice(x: &Tensor, starts: &[i64], ends: &[i64], axes: &[i64], steps: &[i64]) 
         if std::mem::replace(&mut seen[a], true) {
             return Err(format!("axis {} appears twice", axes[i]));
         }
-        let dim = x.shape[a] as i64;
+        let dim = dims[a] as i64;
         let step = steps[i];
         let clampi = |v: i64, lo: i64, hi: i64| v.max(lo).min(hi);
         let fix = |v: i64| if v < 0 { v + dim } else { v };
@@ -698,14 +711,23 @@ fn slice(x: &Tensor, starts: &[i64], ends: &[i64], axes: &[i64], steps: &[i64]) 
         }
         strides[a] = step as isize * s[a] as isize;
     }
-    Ok(Tensor::new(
-        shape.clone(),
-        strided_gather(&x.data, offset, &shape, &strides),
-    ))
+    let out = strided_gather(data, offset, &shape, &strides);
+    Ok((shape, out))
 }
 
 fn pad(x: &Tensor, pads: &[i64], value: f32) -> R<Tensor> {
-    let r = x.shape.len();
+    let (shape, data) = pad_nd(&x.data, &x.shape, pads, value)?;
+    Ok(Tensor::new(shape, data))
+}
+
+/// Constant padding of a row-major array of any element type: the output shape and elements.
+pub(crate) fn pad_nd<T: Copy>(
+    data: &[T],
+    dims: &[usize],
+    pads: &[i64],
+    value: T,
+) -> R<(Vec<usize>, Vec<T>)> {
+    let r = dims.len();
     if pads.len() != 2 * r {
         return Err(format!(
             "{} pads for a rank-{r} input (expected {})",
@@ -717,31 +739,31 @@ fn pad(x: &Tensor, pads: &[i64], value: f32) -> R<Tensor> {
         return Err(format!("negative pads {pads:?} are not supported"));
     }
     let shape: Vec<usize> = (0..r)
-        .map(|i| x.shape[i] + (pads[i] + pads[i + r]) as usize)
+        .map(|i| dims[i] + (pads[i] + pads[i + r]) as usize)
         .collect();
     let os = strides_of(&shape);
     let mut out = vec![value; shape.iter().product()];
-    if x.is_empty() {
-        return Ok(Tensor::new(shape, out));
+    if data.is_empty() {
+        return Ok((shape, out));
     }
-    let inner = x.shape[r - 1];
-    let rows = x.len() / inner.max(1);
+    let inner = dims[r - 1];
+    let rows = data.len() / inner.max(1);
     let mut idx = vec![0usize; r.saturating_sub(1)];
     for row in 0..rows {
         let mut base = pads[r - 1] as usize;
         for d in 0..r - 1 {
             base += (idx[d] + pads[d] as usize) * os[d];
         }
-        out[base..base + inner].copy_from_slice(&x.data[row * inner..(row + 1) * inner]);
+        out[base..base + inner].copy_from_slice(&data[row * inner..(row + 1) * inner]);
         for d in (0..r - 1).rev() {
             idx[d] += 1;
-            if idx[d] < x.shape[d] {
+            if idx[d] < dims[d] {
                 break;
             }
             idx[d] = 0;
         }
     }
-    Ok(Tensor::new(shape, out))
+    Ok((shape, out))
 }
 
 fn concat(xs: &[&Tensor], axis: i64) -> R<Tensor> {

@@ -714,11 +714,12 @@ fn rows_block<A: ActCode, O: Code>(
     let (mr, nr) = (b.mr, b.nr);
     let nc_max = NC.div_ceil(nr) * nr;
     // i32 results go straight to C; codes go through an i32 tile and the epilogue
-    let (dest, ld_dest, mut tile) = match &mut sink {
-        SinkRows::I32(c) => (c.as_mut_ptr(), n, Vec::new()),
+    let (dest, mut tile) = match &mut sink {
+        SinkRows::I32(c) => (c.as_mut_ptr(), Vec::new()),
         SinkRows::Codes(..) => {
-            let mut t = vec![0i32; MC * nc_max];
-            (t.as_mut_ptr(), nc_max, t)
+            // one block: at most MC rows of at most NC columns
+            let mut t = vec![0i32; MC.min(m) * nc_max.min(n.div_ceil(nr) * nr)];
+            (t.as_mut_ptr(), t)
         }
     };
     let direct = tile.is_empty();
@@ -731,6 +732,8 @@ fn rows_block<A: ActCode, O: Code>(
         }
         for jc in (0..n).step_by(nc_max) {
             let nc = nc_max.min(n - jc);
+            // C rows, or tile rows of exactly this block's width (whole rows are contiguous)
+            let ld_dest = if direct { n } else { nc };
             // top-left of this block in the destination
             let block = if direct {
                 // SAFETY: row ic < m, column jc < n of C (m x n).
@@ -800,7 +803,7 @@ fn rows_block<A: ActCode, O: Code>(
                 }
             }
             if !direct {
-                finish_rows(&tile, ic, mc, jc, nc, nc_max, b, &mut sink);
+                finish_rows(&tile, ic, mc, jc, nc, nc, b, &mut sink);
             }
         }
     }
@@ -826,6 +829,17 @@ fn finish_rows<O: Code>(
             for i in 0..rows {
                 c[(r0 + i) * n + j0..(r0 + i) * n + j0 + cols]
                     .copy_from_slice(&tile[i * ld..i * ld + cols]);
+            }
+        }
+        SinkRows::Codes(out, epi) if cols == n && ld == n => {
+            // whole rows: one call for the block
+            let src = &tile[..rows * n];
+            let dst = &mut out[r0 * n..(r0 + rows) * n];
+            match &epi.scale {
+                OutputScale::PerTensor(mm) => kern.requantize_unchecked(src, *mm, &epi.output, dst),
+                OutputScale::PerChannel(cm) => {
+                    kern.requantize_per_channel_unchecked(src, cm, &epi.output, dst)
+                }
             }
         }
         SinkRows::Codes(out, epi) => {

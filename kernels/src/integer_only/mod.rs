@@ -5,6 +5,7 @@
 
 #[cfg(target_arch = "aarch64")]
 mod aarch64_neon;
+pub mod add;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86_avx2;
