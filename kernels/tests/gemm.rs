@@ -303,3 +303,118 @@ fn bad_calls_are_errors_naming_the_problem() {
     let e = gemm_requantize(&[1u8; 4], 2, 0, &packed, &epi, &mut out8, 1).unwrap_err();
     assert!(e.to_string().contains("does not fit i8"), "{e}");
 }
+
+#[test]
+fn convolution_matches_im2col_then_gemm_on_every_microkernel() {
+    use quantbench_kernels::gemm::{conv_requantize, im2col, ConvGeometry};
+    let mut rng = Rng::new(0xC0);
+    // (batch, padded h, padded w, c, kernel, strides, dilations, n)
+    let cases = [
+        (
+            1usize,
+            34usize,
+            34usize,
+            16usize,
+            [3usize, 3usize],
+            [1usize, 1usize],
+            [1usize, 1usize],
+            16usize,
+        ),
+        (2, 18, 18, 32, [3, 3], [2, 2], [1, 1], 64),
+        (1, 34, 34, 3, [3, 3], [1, 1], [1, 1], 16),
+        (2, 9, 11, 8, [3, 2], [1, 2], [2, 1], 24),
+        (1, 8, 8, 64, [1, 1], [1, 1], [1, 1], 64),
+        (3, 10, 10, 12, [3, 3], [1, 1], [1, 2], 20),
+    ];
+    for (batch, h, w, c, kernel, strides, dilations, n) in cases {
+        let geo = ConvGeometry {
+            batch,
+            height: h,
+            width: w,
+            channels: c,
+            kernel,
+            strides,
+            dilations,
+        };
+        let k = geo.k();
+        let [oh, ow] = geo.output().unwrap();
+        let m = batch * oh * ow;
+        let x: Vec<u8> = (0..batch * h * w * c)
+            .map(|_| rng.range_i32(0, 255) as u8)
+            .collect();
+        let b = weights(&mut rng, k * n, None);
+        let ms: Vec<Multiplier> = (0..n)
+            .map(|_| {
+                Multiplier::new(rng.range_i32(1 << 30, i32::MAX), -rng.range_i32(8, 11)).unwrap()
+            })
+            .collect();
+        let epi = Epilogue {
+            bias: Some((0..n).map(|_| rng.range_i32(-5000, 5000)).collect()),
+            scale: OutputScale::PerChannel(ChannelMultipliers::new(&ms)),
+            output: RequantOutput::new(7, 7, 255).unwrap(),
+        };
+        let cols = im2col(&x, &geo).unwrap();
+        assert_eq!(cols.len(), m * k);
+        let spec = PackedB::new::<u8>(Microkernel::Scalar, &b, k, n, &[0]).unwrap();
+        let mut want = vec![0u8; m * n];
+        gemm_requantize(&cols, m, 9, &spec, &epi, &mut want, 1).unwrap();
+        assert!(
+            want.iter().any(|&v| v > 7),
+            "the case exercises the requantization"
+        );
+        for mk in Microkernel::available() {
+            let p = PackedB::new::<u8>(mk, &b, k, n, &[0]).unwrap();
+            for threads in [1, 2] {
+                let mut got = vec![0u8; m * n];
+                conv_requantize(&x, &geo, 9, &p, &epi, &mut got, threads).unwrap();
+                assert_eq!(got, want, "{} {geo:?} threads={threads}", mk.name());
+            }
+        }
+        // i8 activations through the same path
+        let xi: Vec<i8> = x.iter().map(|&v| (v ^ 0x80) as i8).collect();
+        let colsi = im2col(&xi, &geo).unwrap();
+        let spec = PackedB::new::<i8>(Microkernel::Scalar, &b, k, n, &[3]).unwrap();
+        let mut want = vec![0u8; m * n];
+        gemm_requantize(&colsi, m, -5, &spec, &epi, &mut want, 1).unwrap();
+        for mk in Microkernel::available() {
+            let p = PackedB::new::<i8>(mk, &b, k, n, &[3]).unwrap();
+            let mut got = vec![0u8; m * n];
+            conv_requantize(&xi, &geo, -5, &p, &epi, &mut got, 1).unwrap();
+            assert_eq!(got, want, "{} i8 {geo:?}", mk.name());
+        }
+    }
+    // errors name the mismatch
+    let geo = ConvGeometry {
+        batch: 1,
+        height: 2,
+        width: 2,
+        channels: 4,
+        kernel: [3, 3],
+        strides: [1, 1],
+        dilations: [1, 1],
+    };
+    assert!(geo
+        .output()
+        .unwrap_err()
+        .to_string()
+        .contains("does not fit"));
+    let geo = ConvGeometry {
+        height: 4,
+        width: 4,
+        ..geo
+    };
+    let p = PackedB::new::<u8>(Microkernel::Scalar, &[0i8; 36 * 2], 36, 2, &[0]).unwrap();
+    let epi = Epilogue {
+        bias: None,
+        scale: OutputScale::PerTensor(Multiplier::new(1 << 30, -3).unwrap()),
+        output: RequantOutput::new(0, 0, 255).unwrap(),
+    };
+    let e = conv_requantize(&[0u8; 10], &geo, 0, &p, &epi, &mut [0u8; 8], 1).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("conv: input (n h w c): expected length 64, got 10"),
+        "{e}"
+    );
+    let e = conv_requantize(&[0u8; 64], &geo, 0, &p, &epi, &mut [0u8; 7], 1).unwrap_err();
+    assert!(e.to_string().contains("conv: output"), "{e}");
+}

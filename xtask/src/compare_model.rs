@@ -1,8 +1,9 @@
 //! `cargo xtask compare model [--limit N] [--reps R] [--out DIR]`: quantbench against ONNX
 //! Runtime on ResNet-20 and the shared CIFAR-10 files, in one run: fp32 top-1 and single-thread
 //! latency at batch 1 and 64; W8A8 (per-channel int8 weights, 8-bit activations, MinMax
-//! calibration on the first 512 training images) top-1 against ORT's quantize_static (QDQ) and
-//! ORT's int8 latency.
+//! calibration on the first 512 training images) top-1 against ORT's quantize_static (QDQ);
+//! our integer_only (the real int8 path) top-1, its simulation, and its latency against ORT's
+//! int8 (QDQ) latency.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -58,6 +59,8 @@ bits = 8
 granularity = "per_channel"
 symmetric = true
 act_bits = 8
+[[methods]]
+method = "integer_only"
 [latency]
 batch_sizes = [1, 64]
 threads = 1
@@ -68,7 +71,7 @@ charts = false
     );
     write_atomic(&exp_path, &exp)?;
     let run_dir = work.join(format!("compare-model-{stamp}"));
-    eprintln!("[compare] quantbench: fp32 and W8A8 on ResNet-20");
+    eprintln!("[compare] quantbench: fp32, W8A8 (simulated) and integer_only on ResNet-20");
     run(Command::new(&quantbench)
         .arg("run")
         .arg(&exp_path)
@@ -84,6 +87,7 @@ charts = false
     };
     let fp32 = cell("fp32")?;
     let w8a8 = cell("lin8pcs-a8minmax")?;
+    let int8 = cell("int8-lin8pcs-a8minmax")?;
     eprintln!("[compare] ONNX Runtime: fp32 and quantize_static (QDQ, per channel, MinMax)");
     let mut peer_cmd = Command::new(&python);
     peer_cmd
@@ -143,6 +147,19 @@ charts = false
         f(&peer["qdq_top1"]) * 100.0,
         (ours_w8 - f(&peer["qdq_top1"])) * 100.0
     );
+    let ours_int8 = f(&int8["row"]["top1"]);
+    println!(
+        "{:<34} {:>11.2}% {:>11.2}% {:>+9.2}pp",
+        "integer_only top-1 (vs ORT QDQ)",
+        ours_int8 * 100.0,
+        f(&peer["qdq_top1"]) * 100.0,
+        (ours_int8 - f(&peer["qdq_top1"])) * 100.0
+    );
+    println!(
+        "{:<34} {:>11.2}%",
+        "  its fake-quant simulation",
+        f(&int8["row"]["sim_top1"]) * 100.0
+    );
     let mut lat_rows = Vec::new();
     for b in [1usize, 64] {
         let ours = lat(&fp32, b).unwrap_or(f64::NAN);
@@ -155,13 +172,17 @@ charts = false
             p32 / b as f64,
             p32 / ours
         );
+        let ours8 = lat(&int8, b).unwrap_or(f64::NAN);
         println!(
-            "{:<34} {:>12} {:>10.3}ms",
+            "{:<34} {:>10.3}ms {:>10.3}ms {:>9.2}x",
             format!("int8 ms/image, batch {b}"),
-            "(issue #4)",
-            p8 / b as f64
+            ours8 / b as f64,
+            p8 / b as f64,
+            p8 / ours8
         );
-        lat_rows.push(json!({"batch": b, "ours_fp32_ms_per_image": ours / b as f64, "peer_fp32_ms_per_image": p32 / b as f64, "peer_int8_ms_per_image": p8 / b as f64, "fp32_speedup": p32 / ours}));
+        lat_rows.push(json!({"batch": b, "ours_fp32_ms_per_image": ours / b as f64, "peer_fp32_ms_per_image": p32 / b as f64,
+                             "ours_int8_ms_per_image": ours8 / b as f64, "peer_int8_ms_per_image": p8 / b as f64,
+                             "fp32_speedup": p32 / ours, "int8_speedup": p8 / ours8}));
     }
     println!("(ratio of latency: ORT time / our time, > 1 means we are faster)");
     std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
@@ -171,7 +192,8 @@ charts = false
         "git": git_revision(&root),
         "isa": fp32["row"]["isa"],
         "images": peer["images"],
-        "ours": { "fp32_top1": ours_fp32, "w8a8_top1": ours_w8, "fp32_latency": fp32["latency"] },
+        "ours": { "fp32_top1": ours_fp32, "w8a8_top1": ours_w8, "fp32_latency": fp32["latency"],
+                  "integer_only_top1": ours_int8, "integer_only_sim_top1": int8["row"]["sim_top1"], "integer_only_latency": int8["latency"] },
         "peer": peer,
         "latency": lat_rows,
     });

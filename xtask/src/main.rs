@@ -21,8 +21,8 @@ tasks:
       the same seeded data; reports time, SSE and the peer's gap to the optimum
   compare model [--limit N] [--reps R] [--out DIR]
       ResNet-20 on CIFAR-10 against ONNX Runtime in one run: fp32 top-1 and single-thread
-      latency (batch 1 and 64), and W8A8 per-channel MinMax (512 training images) top-1 against
-      ORT's quantize_static (QDQ) with ORT's int8 latency
+      latency (batch 1 and 64), W8A8 per-channel MinMax (512 training images) top-1 against
+      ORT's quantize_static (QDQ), and our integer_only top-1 and latency against ORT's int8
   compare gemm [--shapes MxKxN,...] [--threads T,...] [--kernels gemm_u8i8_i32,gemm_i8i8_i32]
                [--a-zero-point Z] [--out DIR]
       the int8 GEMM against ONNX Runtime's MatMulInteger (and PyTorch's quantized Linear when

@@ -2,9 +2,10 @@
 //! per-tensor scale and zero point, weights `i8` per output channel (symmetric, codes in
 //! `[-127, 127]`), biases `i32` at scale `s_x * s_w[c]`, and every layer runs on integers:
 //!
-//! * Conv (+ a following Relu, fused): im2col of the `u8` NHWC input (padding reads the
-//!   input zero point) and the int8 GEMM with its fused epilogue (bias, per-channel
-//!   fixed-point multiplier `s_x s_w[c] / s_y`, output zero point, ReLU as a clamp).
+//! * Conv (+ a following Relu, fused): the `u8` NHWC input padded with its zero point, and
+//!   the int8 convolution-GEMM with its fused epilogue (bias, per-channel
+//!   fixed-point multiplier `s_x s_w[c] / s_y`, output zero point, ReLU as a clamp); on
+//!   AVX-512 VNNI the GEMM reads the zero-point-padded input in place (implicit im2col).
 //! * Add (+ Relu): the integer-only quantized addition of the kernels crate.
 //! * GlobalAveragePool: an i32 sum per channel and one fixed-point multiplier.
 //! * Relu, MaxPool, Slice, constant Pad, Flatten / Reshape, Identity: on the codes (the
@@ -16,7 +17,9 @@
 //! averages, the input); [`Int8Model::simulation`] builds the fake-quant simulation of exactly
 //! this scheme (same codes, same points) for the accuracy check.
 
-use quantbench_kernels::gemm::{gemm_i32, gemm_requantize, Epilogue, OutputScale, PackedB};
+use quantbench_kernels::gemm::{
+    conv_requantize, gemm_i32, ConvGeometry, Epilogue, OutputScale, PackedB,
+};
 use quantbench_kernels::integer_only::add::AddParams;
 use quantbench_kernels::integer_only::{
     quantize_multiplier, ChannelMultipliers, Multiplier, RequantOutput,
@@ -722,18 +725,35 @@ impl Int8Model {
                     ));
                 }
                 let ([oh, ow], pads) = cs.window.output(h, w)?;
-                let m = n * oh * ow;
-                let kk = cs.window.kernel[0] * cs.window.kernel[1] * c;
-                let direct =
-                    cs.window.kernel == [1, 1] && cs.window.strides == [1, 1] && pads == [0; 4];
-                let a: &[u8] = if direct {
+                // the input padded with its zero point (a plain copy when there is no padding),
+                // then the convolution as an implicit GEMM over it
+                let unpadded = pads == [0; 4];
+                let (hp, wp) = (h + pads[0] + pads[2], w + pads[1] + pads[3]);
+                if !unpadded {
+                    pad_nhwc(x, pads, cs.zp_in as u8, scratch);
+                }
+                let xp: &[u8] = if unpadded {
                     &x.data
                 } else {
-                    im2col_nhwc(x, &cs.window, pads, [oh, ow], cs.zp_in as u8, scratch);
-                    &scratch[..m * kk]
+                    &scratch[..n * hp * wp * c]
                 };
-                let mut out = vec![0u8; m * cs.cout];
-                gemm_requantize(a, m, cs.zp_in, &cs.packed, &cs.epi, &mut out, 1)
+                let geo = ConvGeometry {
+                    batch: n,
+                    height: hp,
+                    width: wp,
+                    channels: c,
+                    kernel: cs.window.kernel,
+                    strides: cs.window.strides,
+                    dilations: cs.window.dilations,
+                };
+                if geo.output().map_err(|e| e.to_string())? != [oh, ow] {
+                    return Err(format!(
+                        "integer_only: conv output {:?} != [{oh}, {ow}]",
+                        geo.output()
+                    ));
+                }
+                let mut out = vec![0u8; n * oh * ow * cs.cout];
+                conv_requantize(xp, &geo, cs.zp_in, &cs.packed, &cs.epi, &mut out, 1)
                     .map_err(|e| e.to_string())?;
                 Slot::Codes(Act {
                     dims: [n, oh, ow, cs.cout],
@@ -1014,79 +1034,21 @@ fn fc_step(
     ))
 }
 
-/// im2col of NHWC codes: row `(n, oy, ox)`, columns `(ky, kx, c)`; padding reads `fill`.
-/// With dilation 1 the `kw` taps of one kernel row are `kw * c` contiguous input bytes, so
-/// an interior kernel row is one short copy; border rows go tap by tap. `out` is reused: it
-/// is only grown, and every byte of the first `n * oh * ow * kh * kw * c` is written.
-fn im2col_nhwc(
-    x: &Act,
-    win: &Window,
-    pads: [usize; 4],
-    [oh, ow]: [usize; 2],
-    fill: u8,
-    out: &mut Vec<u8>,
-) {
+/// `x` padded by `[top, left, bottom, right]` pixels of code `fill` into `out` (NHWC; `out`
+/// is reused across layers and only grown).
+fn pad_nhwc(x: &Act, pads: [usize; 4], fill: u8, out: &mut Vec<u8>) {
     let [n, h, w, c] = x.dims;
-    let [kh, kw] = win.kernel;
-    let run = kw * c;
-    let kk = kh * run;
-    let len = n * oh * ow * kk;
-    if out.len() < len {
-        out.resize(len, 0);
-    }
-    let [sy, sx] = win.strides;
-    let [dy, dx] = win.dilations;
+    let (hp, wp) = (h + pads[0] + pads[2], w + pads[1] + pads[3]);
+    let len = n * hp * wp * c;
+    out.clear();
+    out.resize(len, fill);
+    let row = w * c;
     for ni in 0..n {
-        for oy in 0..oh {
-            let rows = &mut out[((ni * oh + oy) * ow) * kk..((ni * oh + oy + 1) * ow) * kk];
-            for ky in 0..kh {
-                let y = (oy * sy + ky * dy) as isize - pads[0] as isize;
-                if y < 0 || y as usize >= h {
-                    for ox in 0..ow {
-                        rows[ox * kk + ky * run..ox * kk + (ky + 1) * run].fill(fill);
-                    }
-                    continue;
-                }
-                let line =
-                    &x.data[(ni * h + y as usize) * w * c..(ni * h + y as usize + 1) * w * c];
-                for ox in 0..ow {
-                    let dst = &mut rows[ox * kk + ky * run..ox * kk + (ky + 1) * run];
-                    let x0 = (ox * sx) as isize - pads[1] as isize;
-                    if dx == 1 && x0 >= 0 && x0 as usize + kw <= w {
-                        let s0 = x0 as usize * c;
-                        copy_bytes(dst, &line[s0..s0 + run]);
-                        continue;
-                    }
-                    for kx in 0..kw {
-                        let xx = x0 + (kx * dx) as isize;
-                        let d = &mut dst[kx * c..(kx + 1) * c];
-                        if xx < 0 || xx as usize >= w {
-                            d.fill(fill);
-                        } else {
-                            d.copy_from_slice(&line[xx as usize * c..(xx as usize + 1) * c]);
-                        }
-                    }
-                }
-            }
+        for y in 0..h {
+            let dst = ((ni * hp + y + pads[0]) * wp + pads[1]) * c;
+            let src = (ni * h + y) * row;
+            out[dst..dst + row].copy_from_slice(&x.data[src..src + row]);
         }
-    }
-}
-
-/// `dst.copy_from_slice(src)` for the short runs of im2col: 16-byte moves inlined (a
-/// library memcpy call per 48-byte run cost more than the copy).
-#[inline(always)]
-fn copy_bytes(dst: &mut [u8], src: &[u8]) {
-    debug_assert_eq!(dst.len(), src.len());
-    let n = dst.len().min(src.len());
-    let mut i = 0;
-    while i + 16 <= n {
-        let v: [u8; 16] = src[i..i + 16].try_into().expect("16 bytes");
-        dst[i..i + 16].copy_from_slice(&v);
-        i += 16;
-    }
-    // the sub-16-byte tail (3-channel inputs) byte by byte
-    for (d, &v) in dst[i..n].iter_mut().zip(&src[i..n]) {
-        *d = v;
     }
 }
 

@@ -468,6 +468,12 @@ pub(crate) struct Tile {
     pub last: bool,
     pub row_add: *const i32,
     pub col_add: *const i32,
+    /// Segmented A (implicit im2col): when not null, row `i` starts at `a + row_offsets[i]`
+    /// and is `segs` runs of `groups / segs` groups, run `s` at `+ s * seg_stride` bytes.
+    /// Null: row `i` is `a + i * lda`, one run.
+    pub row_offsets: *const usize,
+    pub segs: usize,
+    pub seg_stride: usize,
 }
 
 const MC: usize = 240;
@@ -562,6 +568,12 @@ pub fn gemm_requantize<A: ActCode, O: Code>(
 ) -> Result<(), KernelError> {
     check_call(a, m, a_zero_point, b)?;
     check_len("gemm: output (m x n)", m * b.n, out.len())?;
+    check_epilogue::<O>(b, epi)?;
+    run::<A, O>(a, m, a_zero_point, b, Sink::Codes { out, epi }, threads);
+    Ok(())
+}
+
+fn check_epilogue<O: Code>(b: &PackedB, epi: &Epilogue) -> Result<(), KernelError> {
     if let Some(bias) = &epi.bias {
         check_len("gemm: bias", b.n, bias.len())?;
     }
@@ -587,13 +599,198 @@ pub fn gemm_requantize<A: ActCode, O: Code>(
             ),
         });
     }
-    run::<A, O>(a, m, a_zero_point, b, Sink::Codes { out, epi }, threads);
     Ok(())
+}
+
+/// A convolution over an NHWC input that is already padded (border positions hold the
+/// input's zero point): batch, padded height and width, channels, kernel, strides, dilations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub batch: usize,
+    pub height: usize,
+    pub width: usize,
+    pub channels: usize,
+    pub kernel: [usize; 2],
+    pub strides: [usize; 2],
+    pub dilations: [usize; 2],
+}
+
+impl ConvGeometry {
+    /// Output height and width, or an error when the kernel does not fit.
+    pub fn output(&self) -> Result<[usize; 2], KernelError> {
+        let mut o = [0usize; 2];
+        for (d, size) in [self.height, self.width].into_iter().enumerate() {
+            let span = (self.kernel[d].max(1) - 1) * self.dilations[d] + 1;
+            if self.kernel[d] == 0 || self.strides[d] == 0 || self.dilations[d] == 0 || span > size
+            {
+                return Err(KernelError::Shape {
+                    message: format!("conv: {self:?}: the kernel does not fit the input"),
+                });
+            }
+            o[d] = (size - span) / self.strides[d] + 1;
+        }
+        Ok(o)
+    }
+
+    /// GEMM depth: `kh * kw * channels`, in the order (ky, kx, c).
+    pub fn k(&self) -> usize {
+        self.kernel[0] * self.kernel[1] * self.channels
+    }
+}
+
+/// im2col of a padded NHWC input: row `(n, oy, ox)`, columns `(ky, kx, c)` (the spec of
+/// [`conv_requantize`]'s A).
+pub fn im2col<A: ActCode>(x: &[A], geo: &ConvGeometry) -> Result<Vec<A>, KernelError> {
+    let [oh, ow] = geo.output()?;
+    let ConvGeometry {
+        batch,
+        height: h,
+        width: w,
+        channels: c,
+        kernel: [kh, kw],
+        strides: [sy, sx],
+        dilations: [dy, dx],
+    } = *geo;
+    check_len("im2col: input (n h w c)", batch * h * w * c, x.len())?;
+    let mut out = Vec::with_capacity(batch * oh * ow * geo.k());
+    for ni in 0..batch {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let at = ((ni * h + oy * sy + ky * dy) * w + ox * sx + kx * dx) * c;
+                        out.extend_from_slice(&x[at..at + c]);
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Convolution as a GEMM with the fused epilogue: rows are the output pixels `(n, oy, ox)`,
+/// K is `(ky, kx, c)` (pack the weights in that order), the output `[n * oh * ow, N]` is NHWC.
+/// The spec is [`im2col`] followed by [`gemm_requantize`]. The AVX-512 VNNI microkernel reads
+/// A in place (implicit im2col: each kernel row is `kw * c` contiguous input bytes) when
+/// the horizontal dilation is 1, `kw * c` is a multiple of 4 and K fits one K block;
+/// otherwise the im2col rows are materialized.
+pub fn conv_requantize<A: ActCode, O: Code>(
+    x: &[A],
+    geo: &ConvGeometry,
+    a_zero_point: i32,
+    b: &PackedB,
+    epi: &Epilogue,
+    out: &mut [O],
+    threads: usize,
+) -> Result<(), KernelError> {
+    let [oh, ow] = geo.output()?;
+    let m = geo.batch * oh * ow;
+    check_len(
+        "conv: input (n h w c)",
+        geo.batch * geo.height * geo.width * geo.channels,
+        x.len(),
+    )?;
+    check_len("conv: packed weights' k (kh kw c)", geo.k(), b.k)?;
+    if b.a_signed != A::SIGNED {
+        return Err(KernelError::Shape {
+            message: format!(
+                "conv: weights packed for the other activation type than {}",
+                A::NAME
+            ),
+        });
+    }
+    if !(A::MIN..=A::MAX).contains(&a_zero_point) {
+        return Err(KernelError::Range {
+            message: format!(
+                "conv: input zero point {a_zero_point} is not a {} code",
+                A::NAME
+            ),
+        });
+    }
+    check_len("conv: output (n oh ow x n)", m * b.n, out.len())?;
+    check_epilogue::<O>(b, epi)?;
+    let run_len = geo.kernel[1] * geo.channels;
+    let implicit = b.mk == Microkernel::Avx512VnniDpbusd
+        && geo.dilations[1] == 1
+        && run_len.is_multiple_of(4)
+        && b.kp <= KC;
+    if !implicit {
+        let a = im2col(x, geo)?;
+        run::<A, O>(&a, m, a_zero_point, b, Sink::Codes { out, epi }, threads);
+        return Ok(());
+    }
+    let (h, w, c) = (geo.height, geo.width, geo.channels);
+    let mut offsets = Vec::with_capacity(m);
+    for ni in 0..geo.batch {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                offsets.push(((ni * h + oy * geo.strides[0]) * w + ox * geo.strides[1]) * c);
+            }
+        }
+    }
+    // SAFETY: ActCode types are one byte wide.
+    let bytes = unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, x.len()) };
+    let src = ASrc::Segmented {
+        x: bytes,
+        offsets: &offsets,
+        segs: geo.kernel[0],
+        seg_stride: geo.dilations[0] * w * c,
+    };
+    run_src::<A, O>(src, m, a_zero_point, b, Sink::Codes { out, epi }, threads);
+    Ok(())
+}
+
+/// Where A's rows are.
+#[derive(Clone, Copy)]
+enum ASrc<'a> {
+    /// `m` rows of `k` bytes.
+    Dense(&'a [u8]),
+    /// Implicit im2col: row `r` is `segs` runs of `k / segs` bytes in `x`, run `s` at
+    /// `offsets[r] + s * seg_stride` (only for the VNNI microkernel, single K block).
+    Segmented {
+        x: &'a [u8],
+        offsets: &'a [usize],
+        segs: usize,
+        seg_stride: usize,
+    },
+}
+
+impl<'a> ASrc<'a> {
+    /// Rows `[r0, r0 + rows)` of this source.
+    fn rows(self, r0: usize, rows: usize, k: usize) -> ASrc<'a> {
+        match self {
+            ASrc::Dense(a) => ASrc::Dense(&a[r0 * k..(r0 + rows) * k]),
+            ASrc::Segmented {
+                x,
+                offsets,
+                segs,
+                seg_stride,
+            } => ASrc::Segmented {
+                x,
+                offsets: &offsets[r0..r0 + rows],
+                segs,
+                seg_stride,
+            },
+        }
+    }
 }
 
 /// Splits the rows over threads and runs each share.
 fn run<A: ActCode, O: Code>(
     a: &[A],
+    m: usize,
+    za: i32,
+    b: &PackedB,
+    sink: Sink<'_, O>,
+    threads: usize,
+) {
+    // SAFETY: ActCode types are one byte wide.
+    let a_bytes = unsafe { std::slice::from_raw_parts(a.as_ptr() as *const u8, a.len()) };
+    run_src::<A, O>(ASrc::Dense(a_bytes), m, za, b, sink, threads)
+}
+
+fn run_src<A: ActCode, O: Code>(
+    src: ASrc<'_>,
     m: usize,
     za: i32,
     b: &PackedB,
@@ -611,33 +808,31 @@ fn run<A: ActCode, O: Code>(
         .clamp(1, m.div_ceil(b.mr).max(1))
         .min((work >> 22).max(1));
     let rows_per = m.div_ceil(threads).div_ceil(b.mr) * b.mr;
-    // SAFETY: ActCode types are one byte wide.
-    let a_bytes = unsafe { std::slice::from_raw_parts(a.as_ptr() as *const u8, a.len()) };
     match sink {
         Sink::I32 { c } => {
             if threads == 1 {
-                rows_block::<A, O>(a_bytes, m, za, b, SinkRows::I32(c));
+                rows_block::<A, O>(src, m, za, b, SinkRows::I32(c));
                 return;
             }
             std::thread::scope(|s| {
                 for (t, cc) in c.chunks_mut(rows_per * n).enumerate() {
                     let r0 = t * rows_per;
                     let rows = cc.len() / n;
-                    let ab = &a_bytes[r0 * b.k..(r0 + rows) * b.k];
+                    let ab = src.rows(r0, rows, b.k);
                     s.spawn(move || rows_block::<A, O>(ab, rows, za, b, SinkRows::I32(cc)));
                 }
             });
         }
         Sink::Codes { out, epi } => {
             if threads == 1 {
-                rows_block::<A, O>(a_bytes, m, za, b, SinkRows::Codes(out, epi));
+                rows_block::<A, O>(src, m, za, b, SinkRows::Codes(out, epi));
                 return;
             }
             std::thread::scope(|s| {
                 for (t, oc) in out.chunks_mut(rows_per * n).enumerate() {
                     let r0 = t * rows_per;
                     let rows = oc.len() / n;
-                    let ab = &a_bytes[r0 * b.k..(r0 + rows) * b.k];
+                    let ab = src.rows(r0, rows, b.k);
                     s.spawn(move || rows_block::<A, O>(ab, rows, za, b, SinkRows::Codes(oc, epi)));
                 }
             });
@@ -650,15 +845,20 @@ enum SinkRows<'a, O: Code> {
     Codes(&'a mut [O], &'a Epilogue),
 }
 
-/// One thread's rows: `a` holds `m` rows of `b.k` bytes.
+/// One thread's `m` rows of A.
 fn rows_block<A: ActCode, O: Code>(
-    a: &[u8],
+    src: ASrc<'_>,
     m: usize,
     za: i32,
     b: &PackedB,
     mut sink: SinkRows<'_, O>,
 ) {
     let (n, k) = (b.n, b.k);
+    // the segmented source only reaches the VNNI microkernel (checked by the caller)
+    let a: &[u8] = match src {
+        ASrc::Dense(a) => a,
+        ASrc::Segmented { .. } => &[],
+    };
     if b.mk == Microkernel::Scalar {
         let mut c = vec![0i32; m * n];
         let bias = match &sink {
@@ -675,18 +875,32 @@ fn rows_block<A: ActCode, O: Code>(
     let per_channel_zb = b.zero_points.len() > 1;
     let zb_t = if per_channel_zb { 0 } else { b.zero_points[0] };
     let need_rowsum = alpha != 0 || b.zero_points.iter().any(|&z| z != 0);
-    let rowsum: Vec<i32> = if need_rowsum {
-        a.chunks_exact(k)
-            .map(|row| {
-                if A::SIGNED {
-                    row.iter().map(|&v| v as i8 as i32).sum()
-                } else {
-                    row.iter().map(|&v| v as i32).sum()
-                }
+    let sum_bytes = |row: &[u8]| -> i32 {
+        if A::SIGNED {
+            row.iter().map(|&v| v as i8 as i32).sum()
+        } else {
+            row.iter().map(|&v| v as i32).sum()
+        }
+    };
+    let rowsum: Vec<i32> = match src {
+        _ if !need_rowsum => Vec::new(),
+        ASrc::Dense(a) => a.chunks_exact(k).map(sum_bytes).collect(),
+        ASrc::Segmented {
+            x,
+            offsets,
+            segs,
+            seg_stride,
+        } => offsets
+            .iter()
+            .map(|&o| {
+                (0..segs)
+                    .map(|sg| {
+                        let at = o + sg * seg_stride;
+                        sum_bytes(&x[at..at + k / segs])
+                    })
+                    .sum()
             })
-            .collect()
-    } else {
-        Vec::new()
+            .collect(),
     };
     let bias = match &sink {
         SinkRows::Codes(_, epi) => epi.bias.as_deref(),
@@ -749,7 +963,10 @@ fn rows_block<A: ActCode, O: Code>(
                     let panel = (jc + jr) / nr;
                     let bp = b.panel_ptr(panel, pc);
                     for ir in (0..mc).step_by(mr) {
-                        let (a_ptr, lda, groups, tail) = if packs_a {
+                        let (a_ptr, lda, groups, tail) = if let ASrc::Segmented { x, .. } = src {
+                            // one K block (checked by the caller): all groups, no tail
+                            (x.as_ptr(), 0, k / g, 0)
+                        } else if packs_a {
                             // packed A: [MR block][k pair][MR] u32, pairs of i16
                             let off = (ir / mr) * (b.kp / 2) * mr + (pc / 2) * mr;
                             (
@@ -783,6 +1000,18 @@ fn rows_block<A: ActCode, O: Code>(
                             last: pc + KC >= b.kp,
                             row_add: row_term[ic + ir..].as_ptr(),
                             col_add: col_term[jc + jr..].as_ptr(),
+                            row_offsets: match src {
+                                ASrc::Segmented { offsets, .. } => offsets[ic + ir..].as_ptr(),
+                                ASrc::Dense(_) => std::ptr::null(),
+                            },
+                            segs: match src {
+                                ASrc::Segmented { segs, .. } => segs,
+                                ASrc::Dense(_) => 1,
+                            },
+                            seg_stride: match src {
+                                ASrc::Segmented { seg_stride, .. } => seg_stride,
+                                ASrc::Dense(_) => 0,
+                            },
                         };
                         // SAFETY: the microkernel is supported (checked when B was packed);
                         // `t` describes in-bounds memory: A rows/columns as above, the B

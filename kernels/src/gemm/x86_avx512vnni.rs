@@ -29,26 +29,39 @@ unsafe fn products<const MR: usize, const NV: usize, const SIGNED_A: bool>(
     let mut acc = [[_mm512_setzero_si512(); NV]; MR];
     let mut rows = [t.a; MR];
     for (i, r) in rows.iter_mut().enumerate() {
-        *r = t.a.add(i.min(t.rows - 1) * t.lda);
+        let i = i.min(t.rows - 1);
+        *r = if t.row_offsets.is_null() {
+            t.a.add(i * t.lda)
+        } else {
+            t.a.add(*t.row_offsets.add(i))
+        };
     }
     let mut b = t.b;
-    for g in 0..t.groups {
-        let mut bv = [_mm512_setzero_si512(); NV];
-        for (v, x) in bv.iter_mut().enumerate() {
-            *x = _mm512_load_si512(b.add(64 * v) as *const _);
-        }
-        for i in 0..MR {
-            let av = _mm512_set1_epi32((rows[i].add(4 * g) as *const i32).read_unaligned());
-            for v in 0..NV {
-                acc[i][v] = if SIGNED_A {
-                    _mm512_dpbusd_epi32(acc[i][v], bv[v], av)
-                } else {
-                    _mm512_dpbusd_epi32(acc[i][v], av, bv[v])
-                };
+    // segmented rows (implicit im2col): `segs` runs of `per` groups; dense rows: one run
+    let per = t.groups / t.segs;
+    let mut g = 0;
+    for seg in 0..t.segs {
+        for w in 0..per {
+            let mut bv = [_mm512_setzero_si512(); NV];
+            for (v, x) in bv.iter_mut().enumerate() {
+                *x = _mm512_load_si512(b.add(64 * v) as *const _);
             }
+            for i in 0..MR {
+                let p = rows[i].add(seg * t.seg_stride + 4 * w);
+                let av = _mm512_set1_epi32((p as *const i32).read_unaligned());
+                for v in 0..NV {
+                    acc[i][v] = if SIGNED_A {
+                        _mm512_dpbusd_epi32(acc[i][v], bv[v], av)
+                    } else {
+                        _mm512_dpbusd_epi32(acc[i][v], av, bv[v])
+                    };
+                }
+            }
+            b = b.add(64 * NV);
+            g += 1;
         }
-        b = b.add(64 * NV);
     }
+    debug_assert_eq!(g, t.groups);
     if t.tail > 0 {
         let off = 4 * t.groups;
         let mut bv = [_mm512_setzero_si512(); NV];
