@@ -289,14 +289,17 @@ impl Int8Model {
                             .map(|(j, &c)| c as f32 * ws[j / (cin * kh * kw)])
                             .collect(),
                     ));
-                    // B [K = (ky, kx, c), cout]
-                    let k = kh * kw * cin;
+                    // B [K = (ky, kx, c), cout] with the channels padded to a multiple of 4 (zero
+                    // weights; the input's extra channels hold its zero point), so that a kernel
+                    // row is a whole number of 4-byte groups and the GEMM reads it in place
+                    let cp = cin.next_multiple_of(4);
+                    let k = kh * kw * cp;
                     let mut b = vec![0i8; k * cout];
                     for o in 0..cout {
                         for c in 0..cin {
                             for y in 0..kh {
                                 for xx in 0..kw {
-                                    b[((y * kw + xx) * cin + c) * cout + o] =
+                                    b[((y * kw + xx) * cp + c) * cout + o] =
                                         codes[((o * cin + c) * kh + y) * kw + xx];
                                 }
                             }
@@ -729,19 +732,21 @@ impl Int8Model {
                 // then the convolution as an implicit GEMM over it
                 let unpadded = pads == [0; 4];
                 let (hp, wp) = (h + pads[0] + pads[2], w + pads[1] + pads[3]);
+                let cp = c.next_multiple_of(4);
+                let unpadded = unpadded && cp == c;
                 if !unpadded {
-                    pad_nhwc(x, pads, cs.zp_in as u8, scratch);
+                    pad_nhwc(x, pads, cp, cs.zp_in as u8, scratch);
                 }
                 let xp: &[u8] = if unpadded {
                     &x.data
                 } else {
-                    &scratch[..n * hp * wp * c]
+                    &scratch[..n * hp * wp * cp]
                 };
                 let geo = ConvGeometry {
                     batch: n,
                     height: hp,
                     width: wp,
-                    channels: c,
+                    channels: cp,
                     kernel: cs.window.kernel,
                     strides: cs.window.strides,
                     dilations: cs.window.dilations,
@@ -1034,20 +1039,27 @@ fn fc_step(
     ))
 }
 
-/// `x` padded by `[top, left, bottom, right]` pixels of code `fill` into `out` (NHWC; `out`
-/// is reused across layers and only grown).
-fn pad_nhwc(x: &Act, pads: [usize; 4], fill: u8, out: &mut Vec<u8>) {
+/// `x` padded by `[top, left, bottom, right]` pixels, and from `c` to `cp >= c` channels, with
+/// code `fill` into `out` (NHWC; `out` is reused across layers).
+fn pad_nhwc(x: &Act, pads: [usize; 4], cp: usize, fill: u8, out: &mut Vec<u8>) {
     let [n, h, w, c] = x.dims;
     let (hp, wp) = (h + pads[0] + pads[2], w + pads[1] + pads[3]);
-    let len = n * hp * wp * c;
+    let len = n * hp * wp * cp;
     out.clear();
     out.resize(len, fill);
     let row = w * c;
     for ni in 0..n {
         for y in 0..h {
-            let dst = ((ni * hp + y + pads[0]) * wp + pads[1]) * c;
+            let dst = ((ni * hp + y + pads[0]) * wp + pads[1]) * cp;
             let src = (ni * h + y) * row;
-            out[dst..dst + row].copy_from_slice(&x.data[src..src + row]);
+            if cp == c {
+                out[dst..dst + row].copy_from_slice(&x.data[src..src + row]);
+            } else {
+                for xx in 0..w {
+                    out[dst + xx * cp..dst + xx * cp + c]
+                        .copy_from_slice(&x.data[src + xx * c..src + (xx + 1) * c]);
+                }
+            }
         }
     }
 }

@@ -25,7 +25,8 @@ unsafe fn broadcast_partial(p: *const u8, n: usize) -> __m512i {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn products<const MR: usize, const NV: usize, const SIGNED_A: bool>(
     t: &Tile,
-) -> [[__m512i; NV]; MR] {
+    out: &mut [[__m512i; NV]; MR],
+) {
     let mut acc = [[_mm512_setzero_si512(); NV]; MR];
     let mut rows = [t.a; MR];
     for (i, r) in rows.iter_mut().enumerate() {
@@ -79,7 +80,9 @@ unsafe fn products<const MR: usize, const NV: usize, const SIGNED_A: bool>(
             }
         }
     }
-    acc
+    // one store at the end: returning the array by value let LLVM update the caller's
+    // slot inside the loop (a store per `vpdpbusd`)
+    *out = acc;
 }
 
 /// # Safety
@@ -94,7 +97,8 @@ pub unsafe fn tile<const MR: usize, const NV: usize, const SIGNED_A: bool>(t: &T
             _mm_prefetch::<_MM_HINT_T0>(t.c.add(i * t.ldc + 16 * v) as *const i8);
         }
     }
-    let acc = products::<MR, NV, SIGNED_A>(t);
+    let mut acc = [[_mm512_setzero_si512(); NV]; MR];
+    products::<MR, NV, SIGNED_A>(t, &mut acc);
     // constant indices only (a loop over `acc` by reference would keep it in memory)
     for i in 0..MR {
         if i >= t.rows {
