@@ -206,7 +206,22 @@ fn summary(
                 l.model, l.method, l.batch, l.ms_per_batch, l.ms_per_image
             ));
         }
-        s.push_str("\nQuantized cells other than fp32 are simulated (dequantized weights, fake-quant activations): their latency is not reported because it would measure the simulation, not a quantized kernel path.\n");
+        s.push_str("\nfp32 and integer_only execute for real (integer_only on the int8 GEMM); the other quantized cells are simulated (dequantized weights, fake-quant activations), so their latency is not reported: it would measure the simulation, not a quantized kernel path.\n");
+    }
+    let int8: Vec<&Row> = rows.iter().filter(|r| r.sim_top1.is_some()).collect();
+    if !int8.is_empty() {
+        s.push_str("\n## integer_only against its fake-quant simulation\n\n| model | cell | top-1 % (int8) | top-1 % (simulation) | difference pp |\n|---|---|---:|---:|---:|\n");
+        for r in int8 {
+            let sim = r.sim_top1.unwrap_or(f64::NAN);
+            s.push_str(&format!(
+                "| {} | {} | {:.2} | {:.2} | {:+.2} |\n",
+                r.model,
+                r.cell,
+                r.top1 * 100.0,
+                sim * 100.0,
+                (r.top1 - sim) * 100.0
+            ));
+        }
     }
     if let Some(files) = meta["charts"].as_array() {
         s.push_str("\n## Charts\n\n");

@@ -882,8 +882,20 @@ fn rows_block<A: ActCode, O: Code>(
             row.iter().map(|&v| v as i32).sum()
         }
     };
+    #[cfg(target_arch = "x86_64")]
+    let fast_sums = b.mk == Microkernel::Avx512VnniDpbusd;
+    #[cfg(not(target_arch = "x86_64"))]
+    let fast_sums = false;
     let rowsum: Vec<i32> = match src {
         _ if !need_rowsum => Vec::new(),
+        #[cfg(target_arch = "x86_64")]
+        ASrc::Dense(a) if fast_sums => {
+            let mut v = vec![0i32; m];
+            // SAFETY: the VNNI microkernel runs on this CPU (AVX-512 BW included); `a` holds
+            // `m` rows of `k` bytes.
+            unsafe { x86_avx512vnni::row_sums(a, m, k, A::SIGNED, &mut v) };
+            v
+        }
         ASrc::Dense(a) => a.chunks_exact(k).map(sum_bytes).collect(),
         ASrc::Segmented {
             x,

@@ -158,3 +158,37 @@ pub unsafe fn peak_loop(iters: usize) -> i32 {
     }
     _mm512_reduce_add_epi32(acc[0])
 }
+
+/// Sum of each `k`-byte row of `a` (`rows` rows, contiguous), as i8 when `signed` else u8:
+/// `vpsadbw` against zero adds 8 bytes per 64-bit lane (signed bytes are flipped to
+/// unsigned by `^ 0x80` and `128 * k` is subtracted).
+///
+/// # Safety
+/// AVX-512 F/BW; `a.len() >= rows * k`, `out.len() >= rows`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn row_sums(a: &[u8], rows: usize, k: usize, signed: bool, out: &mut [i32]) {
+    let flip = _mm512_set1_epi8(if signed { 0x80u8 as i8 } else { 0 });
+    for (r, o) in out.iter_mut().enumerate().take(rows) {
+        let p = a.as_ptr().add(r * k);
+        *o = segment_sum(p, k, flip) - if signed { 128 * k as i32 } else { 0 };
+    }
+}
+
+/// Sum of `len` bytes at `p` after `^ flip`, as u8 values.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn segment_sum(p: *const u8, len: usize, flip: __m512i) -> i32 {
+    let zero = _mm512_setzero_si512();
+    let mut acc = _mm512_setzero_si512();
+    let mut i = 0;
+    while i < len {
+        let left = len - i;
+        let mask: __mmask64 = if left >= 64 { !0 } else { (1u64 << left) - 1 };
+        let v = _mm512_maskz_loadu_epi8(mask, p.add(i) as *const i8);
+        // masked-off lanes must stay 0 after the flip
+        let v = _mm512_maskz_mov_epi8(mask, _mm512_xor_si512(v, flip));
+        acc = _mm512_add_epi64(acc, _mm512_sad_epu8(v, zero));
+        i += 64;
+    }
+    _mm512_reduce_add_epi64(acc) as i32
+}
