@@ -126,6 +126,14 @@ enum Command {
     },
     /// Print the instruction sets this CPU supports and the one kernels will use.
     Isa,
+    /// Draw the kernel gate's history (used by `cargo xtask bench --plot`).
+    #[command(hide = true)]
+    PlotBenchHistory {
+        #[arg(long)]
+        history: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Time one kernel on a .npy array (used by `cargo xtask compare quantize`).
     #[command(hide = true)]
     BenchKernel {
@@ -350,6 +358,9 @@ fn run(cli: Cli) -> Result<(), String> {
                 summary.dir.display()
             );
             print_line(&summary.dir.display().to_string())?;
+        }
+        Command::PlotBenchHistory { history, out } => {
+            quantbench::report::bench_history_chart(&history, &out)?;
         }
         Command::Isa => {
             for i in Isa::ALL {

@@ -527,3 +527,143 @@ where
     }))?;
     Ok(())
 }
+
+/// `quantbench plot-bench-history`: the kernel gate's history (`results/bench/history.csv`,
+/// written by `cargo xtask bench`) as one SVG, a panel per kernel. Each series (instruction
+/// count per ISA, speed-up over scalar per ISA) is drawn relative to its first recorded value,
+/// so a regression shows as a step away from 1.0 whatever the kernel's scale.
+pub fn bench_history_chart(history: &Path, out: &Path) -> Result<(), String> {
+    let text =
+        std::fs::read_to_string(history).map_err(|e| format!("{}: {e}", history.display()))?;
+    let mut lines = text.lines();
+    const HEADER: &str = "date,git_sha,kernel,isa,instructions,ratio";
+    if lines.next() != Some(HEADER) {
+        return Err(format!(
+            "{}: expected the header '{HEADER}'",
+            history.display()
+        ));
+    }
+    let body: Vec<&str> = lines.collect();
+    // (kernel, series) -> [(run index, value)]
+    let mut runs: Vec<String> = Vec::new();
+    let mut series: std::collections::BTreeMap<(String, String), Vec<(usize, f64)>> =
+        Default::default();
+    for (i, line) in body.iter().enumerate() {
+        let f: Vec<&str> = line.split(',').collect();
+        if f.len() != 6 {
+            if i + 1 == body.len() {
+                eprintln!(
+                    "{}: skipping the incomplete last line {}",
+                    history.display(),
+                    i + 2
+                );
+                continue;
+            }
+            return Err(format!(
+                "{}: line {}: expected 6 fields, found {}",
+                history.display(),
+                i + 2,
+                f.len()
+            ));
+        }
+        let run = format!("{} {}", f[0], f[1]);
+        if runs.last() != Some(&run) {
+            runs.push(run);
+        }
+        let x = runs.len() - 1;
+        for (field, what) in [(f[4], "instructions"), (f[5], "speed-up")] {
+            if field.is_empty() {
+                continue;
+            }
+            let v: f64 = field.parse().map_err(|_| {
+                format!(
+                    "{}: line {}: {what} '{field}' is not a number",
+                    history.display(),
+                    i + 2
+                )
+            })?;
+            series
+                .entry((f[2].to_string(), format!("{what} {}", f[3])))
+                .or_default()
+                .push((x, v));
+        }
+    }
+    if series.is_empty() {
+        return Err(format!("{}: no measurements", history.display()));
+    }
+    ensure_font()?;
+    let mut kernels: Vec<String> = series.keys().map(|(k, _)| k.clone()).collect();
+    kernels.dedup();
+    let mut names: Vec<String> = series.keys().map(|(_, s)| s.clone()).collect();
+    names.sort();
+    names.dedup();
+    let cols = 4usize;
+    let rows = kernels.len().div_ceil(cols);
+    let tmp = out.with_extension(format!("partial-{}.svg", std::process::id()));
+    let result: Result<(), DynErr> = (|| {
+        let root = SVGBackend::new(&tmp, (1600, 60 + 300 * rows as u32)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let (title, grid) = root.split_vertically(60);
+        title.draw(&Text::new(
+            format!(
+                "Kernel gate history ({} runs): each series relative to its first value (1.0)",
+                runs.len()
+            ),
+            (20, 20),
+            ("sans-serif", 22),
+        ))?;
+        let panels = grid.split_evenly((rows, cols));
+        for (p, kernel) in panels.iter().zip(&kernels) {
+            let mine: Vec<(&String, Vec<(f64, f64)>)> = series
+                .iter()
+                .filter(|((k, _), _)| k == kernel)
+                .map(|((_, s), pts)| {
+                    let first = pts[0].1;
+                    let rel = pts
+                        .iter()
+                        .map(|&(x, v)| (x as f64, if first > 0.0 { v / first } else { 1.0 }))
+                        .collect();
+                    (s, rel)
+                })
+                .collect();
+            let (lo, hi) = mine
+                .iter()
+                .flat_map(|(_, pts)| pts.iter().map(|p| p.1))
+                .fold((0.8f64, 1.2f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
+            let x_hi = (runs.len().max(2) - 1) as f64;
+            let mut chart = ChartBuilder::on(p)
+                .caption(kernel, ("sans-serif", 15))
+                .margin(8)
+                .x_label_area_size(22)
+                .y_label_area_size(40)
+                .build_cartesian_2d(-0.2f64..x_hi + 0.2, lo * 0.95..hi * 1.05)?;
+            chart
+                .configure_mesh()
+                .x_labels(runs.len().clamp(2, 10))
+                .x_label_formatter(&|x| format!("{x:.0}"))
+                .label_style(("sans-serif", 11))
+                .draw()?;
+            for (name, pts) in &mine {
+                let i = names.iter().position(|n| n == *name).unwrap_or(0);
+                let color = series_color(i, names.len());
+                chart
+                    .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+                    .label(name.as_str())
+                    .legend(move |(x, y)| {
+                        PathElement::new([(x, y), (x + 14, y)], color.stroke_width(2))
+                    });
+                chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::LowerLeft)
+                .background_style(WHITE.mix(0.8))
+                .label_font(("sans-serif", 11))
+                .draw()?;
+        }
+        root.present()?;
+        Ok(())
+    })();
+    result.map_err(|e| format!("{}: {e}", out.display()))?;
+    std::fs::rename(&tmp, out).map_err(|e| format!("{}: {e}", out.display()))
+}

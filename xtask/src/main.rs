@@ -1,5 +1,6 @@
 //! `cargo xtask <task>`: the project's automation, in Rust (no shell scripts). One file per task.
 
+mod bench;
 mod compare;
 mod compare_gemm;
 mod compare_kmeans;
@@ -12,6 +13,14 @@ use std::process::ExitCode;
 const USAGE: &str = "usage: cargo xtask <task>
 
 tasks:
+  bench [--check | --update | --plot] [--kernels NAME,...] [--baseline FILE]
+      the kernel performance gate: callgrind instruction counts of the scalar and AVX2 paths
+      and criterion speed-ups of every ISA over scalar, for one fixed input per kernel family
+      (kernels/benches/gate.rs); --check fails when a kernel's instructions grow by more than
+      5 % or its speed-up falls by more than 20 % against results/bench/baseline.json;
+      --update rewrites the baseline; both append to results/bench/history.csv; --plot draws
+      the history to results/bench/history.svg; without a mode, measures and prints (needs
+      valgrind)
   compare quantize [--sizes N,N,...] [--out DIR]
       time quantbench's quantize/dequantize (per tensor and per channel, 1 thread) against
       ONNX Runtime and numpy on the same data, in one run; installs the peers with pip into
@@ -37,6 +46,7 @@ tasks:
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
+        Some("bench") => bench::main(&args[1..]),
         Some("compare") => compare::main(&args[1..]),
         Some("run") => run::main(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
