@@ -1,13 +1,14 @@
 //! The kernel performance gate of `cargo xtask bench` (issue #9): one fixed input per kernel
-//! family, run two ways by the same binary.
+//! family, run three ways by the same binary.
 //!
 //! - `gate --probe KERNEL ISA` runs the kernel once (after one warm-up call) inside
 //!   [`qb_measured`], so that `valgrind --tool=callgrind --toggle-collect='*qb_measured*'`
 //!   counts the instructions of exactly that call. valgrind cannot execute AVX-512, so
 //!   instruction counts exist for `scalar` and `avx2`.
-//! - `gate [criterion args]` times every kernel on every ISA this machine has with criterion
-//!   (ids `gate_{kernel}/{isa}`); xtask reads the medians and gates each ISA's speed-up over
-//!   the scalar path measured in the same run.
+//! - `gate --ratios ROUNDS KERNEL...` prints interleaved per-call medians of every ISA (see
+//!   [`ratios`]); the gate's speed-ups over scalar come from these.
+//! - `gate [criterion args]` (`cargo bench -p quantbench-kernels --bench gate`) times the same
+//!   inputs with criterion (ids `gate_{kernel}/{isa}`), for a closer look at a failing kernel.
 //! - `gate --list` prints the kernels, one per line, as `KERNEL ISA,ISA,...`.
 //!
 //! The inputs are deterministic and small enough to sit in L2 (64 KiB of f32 per operand), so
@@ -357,6 +358,66 @@ fn probe(kernel: &str, isa: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `gate --ratios`: per-call median time of every ISA of the given kernels, from `rounds`
+/// rounds in which the ISAs of one kernel run back to back (in a rotating order), each for a
+/// batch of about `BATCH` of work. Prints `KERNEL ISA MEDIAN_NS` lines.
+///
+/// This is what the gate's speed-ups are computed from, rather than criterion's timings:
+/// criterion measures one benchmark after the other in blocks of a second, and on a shared
+/// machine the speed changes between blocks by more than the gate's tolerance; interleaved
+/// samples see the same machine speed for every ISA of a round.
+fn ratios(kernels: &[String], rounds: usize) -> Result<(), String> {
+    const BATCH: Duration = Duration::from_millis(2);
+    // long kernels (a k-means fit) get fewer rounds: about this much time each, at least 21
+    const KERNEL_BUDGET: Duration = Duration::from_millis(1000);
+    let all = cases();
+    for name in kernels {
+        let case = all
+            .iter()
+            .find(|c| c.name == name)
+            .ok_or_else(|| format!("unknown kernel '{name}' (see --list)"))?;
+        if !case.dispatched {
+            continue;
+        }
+        // (ISA, kernel call, calls per batch)
+        let mut runs: Vec<(Isa, Run, usize)> = isas_of(case)
+            .into_iter()
+            .map(|isa| (isa, (case.setup)(&Kernels::new(isa).unwrap()), 1))
+            .collect();
+        // warm up and size each ISA's batch to about BATCH
+        let mut round_s = 0.0;
+        for (_, run, batch) in runs.iter_mut() {
+            let t = std::time::Instant::now();
+            let mut calls = 0usize;
+            while t.elapsed() < BATCH * 5 || calls < 3 {
+                run();
+                calls += 1;
+            }
+            let per_call = t.elapsed().as_secs_f64() / calls as f64;
+            *batch = ((BATCH.as_secs_f64() / per_call).round() as usize).max(1);
+            round_s += per_call * *batch as f64;
+        }
+        let rounds = rounds.min(((KERNEL_BUDGET.as_secs_f64() / round_s) as usize).max(21));
+        let mut samples: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); runs.len()];
+        for r in 0..rounds {
+            for j in 0..runs.len() {
+                let i = (j + r) % runs.len();
+                let (_, run, batch) = &mut runs[i];
+                let t = std::time::Instant::now();
+                for _ in 0..*batch {
+                    run();
+                }
+                samples[i].push(t.elapsed().as_nanos() as f64 / *batch as f64);
+            }
+        }
+        for ((isa, _, _), mut s) in runs.iter().zip(samples) {
+            s.sort_by(f64::total_cmp);
+            println!("{} {} {:.1}", case.name, isa.name(), s[s.len() / 2]);
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--probe") {
@@ -367,6 +428,23 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("gate --probe: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    if args.first().map(String::as_str) == Some("--ratios") {
+        let rounds = args
+            .get(1)
+            .and_then(|r| r.parse::<usize>().ok())
+            .filter(|&r| r >= 1);
+        let Some(rounds) = rounds else {
+            eprintln!("gate --ratios: expected ROUNDS KERNEL...");
+            return ExitCode::from(2);
+        };
+        return match ratios(&args[2..], rounds) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("gate --ratios: {e}");
                 ExitCode::from(2)
             }
         };

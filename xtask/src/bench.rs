@@ -6,11 +6,15 @@
 //! - **instructions**: callgrind counts the instructions of one call of the scalar and the AVX2
 //!   path (valgrind cannot run AVX-512). They are deterministic, so the gate is tight: more
 //!   than +5 % against the baseline fails.
-//! - **speed-up over scalar**: criterion's median time of every ISA the machine has, divided
-//!   into the scalar path's median from the same run. Wall-clock time drifts on a shared
-//!   machine, a ratio of two neighbouring measurements much less; a drop of more than 20 %
-//!   fails, after two re-measurements of the failing kernels (a real regression fails every
-//!   time, noise rarely three times in a row).
+//! - **speed-up over scalar**: the median time per call of every ISA the machine has,
+//!   divided into the scalar path's median. The ISAs of one kernel are timed in interleaved
+//!   rounds (`gate --ratios`), so every round sees one machine speed: on this shared 2-core
+//!   machine criterion's one-benchmark-after-the-other blocks gave requantize's AVX-512
+//!   speed-up anywhere in 42-56x over four runs, interleaved rounds 52-54x over five. A drop
+//!   of more than 20 % fails, after two re-measurements of the failing kernels (a real
+//!   regression fails every time, noise rarely three times in a row). The baseline's
+//!   speed-ups are the median of three runs. `cargo bench -p quantbench-kernels --bench gate`
+//!   gives criterion's full statistics of the same inputs, for a closer look.
 //!
 //! Baselines live in `results/bench/baseline.json` with the host they were measured on; every
 //! `--check` and `--update` appends its numbers to `results/bench/history.csv`, and `--plot`
@@ -39,7 +43,7 @@ pub struct Entry {
     pub isa: String,
     /// callgrind's instruction count of one call (scalar and AVX2 only).
     pub instructions: Option<u64>,
-    /// criterion's median time of one call, in ns.
+    /// Median time of one call, in ns (interleaved rounds, `gate --ratios`).
     pub median_ns: Option<f64>,
     /// Scalar median / this ISA's median, measured in the same run (not for scalar).
     pub speedup: Option<f64>,
@@ -142,9 +146,9 @@ pub fn main(args: &[String]) -> Result<(), String> {
     );
     let t1 = std::time::Instant::now();
     let kernels: Vec<String> = cases.iter().map(|(k, _)| k.clone()).collect();
-    let medians = time_kernels(&gate, &kernels, &work)?;
+    let medians = time_kernels(&gate, &kernels)?;
     eprintln!(
-        "[bench] criterion: {} medians in {:.0} s",
+        "[bench] timing: {} medians in {:.0} s",
         medians.len(),
         t1.elapsed().as_secs_f64()
     );
@@ -154,8 +158,8 @@ pub fn main(args: &[String]) -> Result<(), String> {
         // not set a bar that later checks cannot reach
         let mut runs = vec![now.clone()];
         for round in 2..=3 {
-            eprintln!("[bench] baseline speed-ups: criterion run {round} of 3");
-            let m = time_kernels(&gate, &kernels, &work)?;
+            eprintln!("[bench] baseline speed-ups: timing run {round} of 3");
+            let m = time_kernels(&gate, &kernels)?;
             runs.push(entries(&cases, &instructions, &m));
         }
         now = median_speedups(&runs);
@@ -179,7 +183,7 @@ pub fn main(args: &[String]) -> Result<(), String> {
                 "[bench] speed-up below the limit for {}: re-measuring ({attempt} of {RETRIES})",
                 retry.join(", ")
             );
-            let again = time_kernels(&gate, &retry, &work)?;
+            let again = time_kernels(&gate, &retry)?;
             let again = entries(&cases, &BTreeMap::new(), &again);
             merge_best_speedups(&mut now, &again);
             findings = compare(&base.kernels, &now, &host.isas);
@@ -383,56 +387,33 @@ pub fn callgrind_total(text: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// criterion's median ns per call of `gate_{kernel}/{isa}` for the given kernels.
+/// Rounds of interleaved timing per kernel (`gate --ratios`; long kernels get fewer).
+const ROUNDS: usize = 201;
+
+/// Median ns per call of every ISA of the given kernels, from `gate --ratios`: the ISAs of
+/// one kernel are timed in interleaved rounds, so each speed-up compares the same machine
+/// speed.
 fn time_kernels(
     gate: &Path,
     kernels: &[String],
-    work: &Path,
 ) -> Result<BTreeMap<(String, String), f64>, String> {
-    let home = work.join("criterion");
-    if home.exists() {
-        std::fs::remove_dir_all(&home).map_err(|e| format!("{}: {e}", home.display()))?;
-    }
-    let filter = format!("^gate_({})/", kernels.join("|"));
     eprintln!(
-        "[bench] timing {} kernels on every ISA with criterion (log: {})",
-        kernels.len(),
-        work.join("criterion.log").display()
+        "[bench] timing {} kernels on every ISA ({ROUNDS} interleaved rounds each)",
+        kernels.len()
     );
-    let out = Command::new(gate)
-        .env("CRITERION_HOME", &home)
-        .args(["--bench", "--noplot", &filter])
-        .output()
-        .map_err(|e| format!("cannot start {}: {e}", gate.display()))?;
-    let log = [out.stdout.as_slice(), out.stderr.as_slice()].concat();
-    std::fs::write(work.join("criterion.log"), &log).map_err(|e| e.to_string())?;
-    if !out.status.success() {
-        return Err(format!(
-            "criterion run failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&log)
-        ));
-    }
+    let out = run(Command::new(gate)
+        .arg("--ratios")
+        .arg(ROUNDS.to_string())
+        .args(kernels))?;
     let mut medians = BTreeMap::new();
-    for kernel in kernels {
-        let dir = home.join(format!("gate_{kernel}"));
-        let Ok(isas) = std::fs::read_dir(&dir) else {
-            continue; // not dispatched: instructions only
-        };
-        for isa in isas.flatten() {
-            let isa_name = isa.file_name().to_string_lossy().into_owned();
-            if isa_name == "report" {
-                continue;
+    for line in out.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let ns = f.get(2).and_then(|v| v.parse::<f64>().ok());
+        match (f.len(), ns) {
+            (3, Some(ns)) => {
+                medians.insert((f[0].to_string(), f[1].to_string()), ns);
             }
-            let file = isa.path().join("new/estimates.json");
-            let text =
-                std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
-            let median = v["median"]["point_estimate"]
-                .as_f64()
-                .ok_or(format!("{}: no median.point_estimate", file.display()))?;
-            medians.insert((kernel.clone(), isa_name), median);
+            _ => return Err(format!("gate --ratios: unexpected line '{line}'")),
         }
     }
     Ok(medians)
