@@ -529,7 +529,8 @@ where
 }
 
 /// `quantbench plot-bench-history`: the kernel gate's history (`results/bench/history.csv`,
-/// written by `cargo xtask bench`) as one SVG, a panel per kernel. Each series (instruction
+/// written by `cargo xtask bench`) as one SVG (or PNG, by `out`'s extension), a panel per
+/// kernel. Each series (instruction
 /// count per ISA, speed-up over scalar per ISA) is drawn relative to its first recorded value,
 /// so a regression shows as a step away from 1.0 whatever the kernel's scale.
 pub fn bench_history_chart(history: &Path, out: &Path) -> Result<(), String> {
@@ -546,8 +547,7 @@ pub fn bench_history_chart(history: &Path, out: &Path) -> Result<(), String> {
     let body: Vec<&str> = lines.collect();
     // (kernel, series) -> [(run index, value)]
     let mut runs: Vec<String> = Vec::new();
-    let mut series: std::collections::BTreeMap<(String, String), Vec<(usize, f64)>> =
-        Default::default();
+    let mut series: HistorySeries = Default::default();
     for (i, line) in body.iter().enumerate() {
         let f: Vec<&str> = line.split(',').collect();
         if f.len() != 6 {
@@ -597,11 +597,51 @@ pub fn bench_history_chart(history: &Path, out: &Path) -> Result<(), String> {
     let mut names: Vec<String> = series.keys().map(|(_, s)| s.clone()).collect();
     names.sort();
     names.dedup();
+    let rows = kernels.len().div_ceil(4);
+    let png = out.extension().is_some_and(|e| e == "png");
+    // the bitmap backend picks its encoder from the extension: keep it last
+    let tmp = out.with_extension(format!(
+        "partial-{}.{}",
+        std::process::id(),
+        if png { "png" } else { "svg" }
+    ));
+    let size = (1600, 60 + 300 * rows as u32);
+    let result = if png {
+        draw_bench_history(
+            BitMapBackend::new(&tmp, size).into_drawing_area(),
+            &runs,
+            &series,
+            &kernels,
+            &names,
+        )
+    } else {
+        draw_bench_history(
+            SVGBackend::new(&tmp, size).into_drawing_area(),
+            &runs,
+            &series,
+            &kernels,
+            &names,
+        )
+    };
+    result.map_err(|e| format!("{}: {e}", out.display()))?;
+    std::fs::rename(&tmp, out).map_err(|e| format!("{}: {e}", out.display()))
+}
+
+type HistorySeries = std::collections::BTreeMap<(String, String), Vec<(usize, f64)>>;
+
+fn draw_bench_history<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    runs: &[String],
+    series: &HistorySeries,
+    kernels: &[String],
+    names: &[String],
+) -> Result<(), DynErr>
+where
+    DB::ErrorType: 'static,
+{
     let cols = 4usize;
     let rows = kernels.len().div_ceil(cols);
-    let tmp = out.with_extension(format!("partial-{}.svg", std::process::id()));
-    let result: Result<(), DynErr> = (|| {
-        let root = SVGBackend::new(&tmp, (1600, 60 + 300 * rows as u32)).into_drawing_area();
+    {
         root.fill(&WHITE)?;
         let (title, grid) = root.split_vertically(60);
         title.draw(&Text::new(
@@ -613,7 +653,7 @@ pub fn bench_history_chart(history: &Path, out: &Path) -> Result<(), String> {
             ("sans-serif", 22),
         ))?;
         let panels = grid.split_evenly((rows, cols));
-        for (p, kernel) in panels.iter().zip(&kernels) {
+        for (p, kernel) in panels.iter().zip(kernels) {
             let mine: Vec<(&String, Vec<(f64, f64)>)> = series
                 .iter()
                 .filter(|((k, _), _)| k == kernel)
@@ -662,8 +702,46 @@ pub fn bench_history_chart(history: &Path, out: &Path) -> Result<(), String> {
                 .draw()?;
         }
         root.present()?;
-        Ok(())
-    })();
-    result.map_err(|e| format!("{}: {e}", out.display()))?;
-    std::fs::rename(&tmp, out).map_err(|e| format!("{}: {e}", out.display()))
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("qb-report-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn bench_history_chart_draws_and_rejects_malformed_lines() {
+        let dir = scratch("history");
+        let good = "date,git_sha,kernel,isa,instructions,ratio\n\
+                    20261127T000000Z,abc,quantize_f32_i8,scalar,537221,\n\
+                    20261127T000000Z,abc,quantize_f32_i8,avx2,25955,37.9\n\
+                    20261128T000000Z,def,quantize_f32_i8,scalar,537221,\n\
+                    20261128T000000Z,def,quantize_f32_i8,avx2,25955,36.1\n";
+        let history = dir.join("history.csv");
+        // an interrupted append (incomplete last line) is skipped
+        std::fs::write(&history, format!("{good}20261129T000000Z,ghi,quant")).unwrap();
+        let out = dir.join("history.svg");
+        if ensure_font().is_ok() {
+            bench_history_chart(&history, &out).unwrap();
+            let svg = std::fs::read_to_string(&out).unwrap();
+            assert!(svg.contains("quantize_f32_i8") && svg.contains("speed-up avx2"));
+        }
+        std::fs::write(&history, good.replace("25955,36.1", "25955,fast")).unwrap();
+        let e = bench_history_chart(&history, &out).unwrap_err();
+        assert!(e.contains("line 5") && e.contains("'fast'"), "{e}");
+        std::fs::write(&history, good.replacen(",abc,", ",", 1)).unwrap();
+        let e = bench_history_chart(&history, &out).unwrap_err();
+        assert!(e.contains("line 2: expected 6 fields, found 5"), "{e}");
+        std::fs::write(&history, "when,what\n").unwrap();
+        let e = bench_history_chart(&history, &out).unwrap_err();
+        assert!(e.contains("expected the header"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -715,14 +715,16 @@ fn plot(root: &Path, history: &Path) -> Result<(), String> {
         "-p",
         "quantbench",
     ]))?;
-    let out = history.with_extension("svg");
-    run(Command::new(root.join("target/release/quantbench"))
-        .arg("plot-bench-history")
-        .arg("--history")
-        .arg(history)
-        .arg("--out")
-        .arg(&out))?;
-    eprintln!("[bench] wrote {}", out.display());
+    for ext in ["svg", "png"] {
+        let out = history.with_extension(ext);
+        run(Command::new(root.join("target/release/quantbench"))
+            .arg("plot-bench-history")
+            .arg("--history")
+            .arg(history)
+            .arg("--out")
+            .arg(&out))?;
+        eprintln!("[bench] wrote {}", out.display());
+    }
     Ok(())
 }
 
