@@ -317,11 +317,30 @@ fn quantized_add_is_bit_exact_on_every_isa_and_close_to_the_real_sum() {
                 want[i]
             );
         }
+        // the same sums in the i8 domain (every zero point and bound moved by -128)
+        let output8 =
+            RequantOutput::new(zy - 128, if relu { zy - 128 } else { -128 }, 127).unwrap();
+        let p8 = AddParams::new((sa, za - 128), (sb, zb - 128), sy, output8).unwrap();
+        let a8: Vec<i8> = a.iter().map(|&v| (v as i32 - 128) as i8).collect();
+        let b8: Vec<i8> = b.iter().map(|&v| (v as i32 - 128) as i8).collect();
+        let want8: Vec<i8> = a8
+            .iter()
+            .zip(&b8)
+            .map(|(&x, &y)| add_one(x as i32, y as i32, &p8) as i8)
+            .collect();
         for isa in common::isas() {
             let k = Kernels::new(isa).unwrap();
-            let mut got = vec![0u8; n];
-            k.add_requantize(&a, &b, &p, &mut got).unwrap();
-            assert_eq!(got, want, "{isa}");
+            // every length up to 70 (vector bodies and tails), then the whole input
+            for len in (0..=70).chain([n]) {
+                let mut got = vec![0u8; len];
+                k.add_requantize(&a[..len], &b[..len], &p, &mut got)
+                    .unwrap();
+                assert_eq!(got, want[..len], "{isa}, u8, {len} codes");
+                let mut got8 = vec![0i8; len];
+                k.add_requantize(&a8[..len], &b8[..len], &p8, &mut got8)
+                    .unwrap();
+                assert_eq!(got8, want8[..len], "{isa}, i8, {len} codes");
+            }
         }
     }
     let k = Kernels::scalar();

@@ -9,8 +9,9 @@
 //! y  = clamp(mbqm(a' + b', twice_max / (2^20 s_y)) + z_y, act_min, act_max)
 //! ```
 //! The scalar loop is the spec. AVX-512 has a hand-written 16-lane kernel (right-shift
-//! multipliers, the normal case); AVX2, and AVX-512 with a left-shift multiplier, run the
-//! same loop compiled for the ISA. All are tested bit-exact against the spec.
+//! multipliers, the normal case) and AVX2 an 8-lane one (right-shift input multipliers, which
+//! `AddParams::new` always makes); otherwise the same loop compiled for the ISA runs. All are
+//! tested bit-exact against the spec.
 
 use super::scalar::{multiply_by_quantized_multiplier, requantize_one};
 use super::{quantize_multiplier, Multiplier, RequantOutput};
@@ -135,7 +136,11 @@ impl Kernels {
             },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            Isa::Avx2 => unsafe { add_avx2(a, b, p, out) },
+            Isa::Avx2 => unsafe {
+                if !super::x86_avx2::add_requantize(a, b, p, out) {
+                    add_avx2(a, b, p, out)
+                }
+            },
             // NEON is baseline on aarch64: the compiler vectorises the plain loop
             _ => add_loop(a, b, p, out),
         }

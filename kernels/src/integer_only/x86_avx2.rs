@@ -161,3 +161,80 @@ pub unsafe fn requantize_per_channel<T: Code>(
         per_channel_impl::<T, false>(acc, m, o, out)
     }
 }
+
+/// The quantized addition of [`super::add`], 32 codes (four vectors of 8 lanes) at a time and
+/// a scalar tail, bit-identical to its spec. The inputs' multipliers must shift right (each
+/// is at most 1/2 by construction); returns `false` without touching `out` otherwise. The
+/// output multiplier may shift either way.
+///
+/// # Safety
+/// AVX2; equal lengths (checked by the caller).
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn add_requantize<T: Code>(
+    a: &[T],
+    b: &[T],
+    p: &super::add::AddParams,
+    out: &mut [T],
+) -> bool {
+    if p.a_multiplier.shift > 0 || p.b_multiplier.shift > 0 {
+        return false;
+    }
+    if p.out_multiplier.shift > 0 {
+        add_impl::<T, true>(a, b, p, out)
+    } else {
+        add_impl::<T, false>(a, b, p, out)
+    }
+    true
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn add_impl<T: Code, const LEFT: bool>(
+    a: &[T],
+    b: &[T],
+    p: &super::add::AddParams,
+    out: &mut [T],
+) {
+    use crate::linear::x86_avx2::load8;
+    let wide = Out {
+        lo: _mm256_set1_epi32(i32::MIN),
+        hi: _mm256_set1_epi32(i32::MAX),
+        zp: _mm256_setzero_si256(),
+    };
+    let oc = out_consts(&p.output);
+    let consts = |m: Multiplier| {
+        (
+            _mm256_set1_epi32(m.multiplier),
+            _mm256_set1_epi32(m.shift.max(0)),
+            _mm256_set1_epi32((-m.shift).max(0)),
+        )
+    };
+    let (ma, la, ra) = consts(p.a_multiplier);
+    let (mb, lb, rb) = consts(p.b_multiplier);
+    let (mo, lo, ro) = consts(p.out_multiplier);
+    let (za, zb) = (
+        _mm256_set1_epi32(p.a_zero_point),
+        _mm256_set1_epi32(p.b_zero_point),
+    );
+    let one = |i: usize| {
+        let x = _mm256_slli_epi32::<20>(_mm256_sub_epi32(load8(a.as_ptr().add(i)), za));
+        let y = _mm256_slli_epi32::<20>(_mm256_sub_epi32(load8(b.as_ptr().add(i)), zb));
+        let x = requant8::<false>(x, ma, la, ra, &wide);
+        let y = requant8::<false>(y, mb, lb, rb, &wide);
+        requant8::<LEFT>(_mm256_add_epi32(x, y), mo, lo, ro, &oc)
+    };
+    let n = a.len();
+    let mut i = 0;
+    while i + 32 <= n {
+        store32(
+            out.as_mut_ptr().add(i),
+            one(i),
+            one(i + 8),
+            one(i + 16),
+            one(i + 24),
+        );
+        i += 32;
+    }
+    for j in i..n {
+        out[j] = T::from_i32(super::add::add_one(a[j].to_i32(), b[j].to_i32(), p));
+    }
+}

@@ -104,7 +104,7 @@ pub(crate) unsafe fn store32<T: Code>(dst: *mut T, a: __m256i, b: __m256i, c: __
 /// Loads 8 codes widened to i32.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn load8<T: Code>(src: *const T) -> __m256i {
+pub(crate) unsafe fn load8<T: Code>(src: *const T) -> __m256i {
     match T::KIND {
         CodeKind::I8 => _mm256_cvtepi8_epi32(_mm_loadl_epi64(src as *const __m128i)),
         CodeKind::U8 => _mm256_cvtepu8_epi32(_mm_loadl_epi64(src as *const __m128i)),
