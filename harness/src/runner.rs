@@ -87,6 +87,97 @@ fn log(msg: &str) {
     eprintln!("{msg}");
 }
 
+/// `DIR/.lock`, holding the pid of the run writing into DIR: a second run into the same
+/// folder is refused while the first is alive; the lock of a run that was killed is taken
+/// over. Removed when the run ends (also on error).
+struct RunLock {
+    path: PathBuf,
+}
+
+impl RunLock {
+    fn acquire(dir: &Path) -> Result<RunLock, String> {
+        use std::io::Write;
+        let path = dir.join(".lock");
+        for _ in 0..3 {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    f.write_all(std::process::id().to_string().as_bytes())
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                    return Ok(RunLock { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let pid = std::fs::read_to_string(&path).unwrap_or_default();
+                    let pid = pid.trim();
+                    let alive = pid.parse::<u32>().is_ok_and(process_alive);
+                    if alive {
+                        return Err(format!(
+                            "{}: another quantbench run (pid {pid}) is writing into this folder; wait for it to finish, or remove {} if that process is gone",
+                            dir.display(),
+                            path.display()
+                        ));
+                    }
+                    // a killed run's lock (or one being written this instant: retry)
+                    if pid.is_empty() {
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                        if !std::fs::read_to_string(&path)
+                            .unwrap_or_default()
+                            .is_empty()
+                        {
+                            continue;
+                        }
+                    }
+                    std::fs::remove_file(&path).ok();
+                }
+                Err(e) => return Err(format!("{}: {e}", path.display())),
+            }
+        }
+        Err(format!("{}: cannot take the run lock", path.display()))
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        std::fs::remove_file(&self.path).ok();
+    }
+}
+
+/// Whether a process with this pid exists (Linux: /proc; elsewhere assume it does, so a
+/// stale lock is reported rather than broken).
+fn process_alive(pid: u32) -> bool {
+    if cfg!(target_os = "linux") {
+        // a zombie (killed, not yet reaped) no longer writes
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => !stat
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z')),
+            Err(_) => false,
+        }
+    } else {
+        true
+    }
+}
+
+/// Temporary files (`*.partial-<pid>`) left by a killed run: under the lock nobody else is
+/// writing, so every one is stale.
+fn remove_stale_partials(dir: &Path) -> Result<(), String> {
+    for sub in [dir.to_path_buf(), dir.join("cells"), dir.join("models")] {
+        let Ok(entries) = std::fs::read_dir(&sub) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().contains(".partial-") {
+                std::fs::remove_file(e.path())
+                    .map_err(|err| format!("{}: {err}", e.path().display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs the experiment file at `path`.
 pub fn run_experiment(path: &Path, opts: &RunOptions) -> Result<RunSummary, String> {
     let wall = Instant::now();
@@ -105,6 +196,8 @@ pub fn run_experiment(path: &Path, opts: &RunOptions) -> Result<RunSummary, Stri
     };
     std::fs::create_dir_all(dir.join("cells")).map_err(|e| format!("{}: {e}", dir.display()))?;
     std::fs::create_dir_all(dir.join("models")).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let _lock = RunLock::acquire(&dir)?;
+    remove_stale_partials(&dir)?;
     let config_hash = format!("{:016x}", crate::fnv1a(text.as_bytes()));
     // A folder holds one configuration: resuming with a changed file would mix results.
     let hash_file = dir.join("config.hash");
