@@ -123,6 +123,9 @@ enum Command {
         /// No progress bars.
         #[arg(long)]
         quiet: bool,
+        /// Evaluation threads (default: every core); the results do not depend on it.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+        threads: Option<u64>,
     },
     /// Print the instruction sets this CPU supports and the one kernels will use.
     Isa,
@@ -336,6 +339,7 @@ fn run(cli: Cli) -> Result<(), String> {
             data,
             results,
             quiet,
+            threads,
         } => {
             let root = data.or_else(quantbench::data_root).ok_or(
                 "no data root: set QUANTBENCH_DATA or pass --data (../shared does not exist here)",
@@ -349,6 +353,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 rustc: std::env::var("QUANTBENCH_RUSTC")
                     .unwrap_or_else(|_| command_line("rustc", &["-V"])),
                 progress: !quiet,
+                threads: threads.map(|t| t as usize),
             };
             let summary = quantbench::runner::run_experiment(&experiment, &opts)?;
             eprintln!(

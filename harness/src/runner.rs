@@ -75,6 +75,8 @@ pub struct RunOptions {
     pub git_sha: String,
     pub rustc: String,
     pub progress: bool,
+    /// Evaluation threads (None: every core). Results do not depend on it.
+    pub threads: Option<usize>,
 }
 
 pub struct RunSummary {
@@ -237,6 +239,10 @@ pub fn run_experiment(path: &Path, opts: &RunOptions) -> Result<RunSummary, Stri
     let eval_opts = EvalOptions {
         batch: exp.data.batch,
         progress: opts.progress,
+        threads: opts
+            .threads
+            .unwrap_or_else(crate::eval::default_threads)
+            .max(1),
         ..Default::default()
     };
 

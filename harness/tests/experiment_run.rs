@@ -22,6 +22,7 @@ fn opts(out: &Path) -> RunOptions {
         git_sha: "test".into(),
         rustc: "test".into(),
         progress: false,
+        threads: None,
     }
 }
 
