@@ -196,24 +196,7 @@ fn load_cifar10(dir: &Path, split: Split) -> Result<Dataset, String> {
                 format!("{}: cannot read: {e}", f.display())
             }
         })?;
-        if bytes.is_empty() || !bytes.len().is_multiple_of(CIFAR_RECORD) {
-            return Err(format!(
-                "{}: {} bytes is not a whole number of 3073-byte CIFAR-10 records (1 label byte + 3072 pixel bytes)",
-                f.display(),
-                bytes.len()
-            ));
-        }
-        for rec in bytes.chunks_exact(CIFAR_RECORD) {
-            if rec[0] > 9 {
-                return Err(format!(
-                    "{}: label {} is outside 0..=9 (not a CIFAR-10 file?)",
-                    f.display(),
-                    rec[0]
-                ));
-            }
-            labels.push(rec[0]);
-            pixels.extend_from_slice(&rec[1..]);
-        }
+        parse_cifar10(&bytes, f, &mut pixels, &mut labels)?;
     }
     Ok(Dataset {
         kind: DatasetKind::Cifar10,
@@ -223,6 +206,34 @@ fn load_cifar10(dir: &Path, split: Split) -> Result<Dataset, String> {
         classes: 10,
         files,
     })
+}
+
+/// Appends the records of one CIFAR-10 binary file (`path` names it in errors).
+pub fn parse_cifar10(
+    bytes: &[u8],
+    f: &Path,
+    pixels: &mut Vec<u8>,
+    labels: &mut Vec<u8>,
+) -> Result<(), String> {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(CIFAR_RECORD) {
+        return Err(format!(
+            "{}: {} bytes is not a whole number of 3073-byte CIFAR-10 records (1 label byte + 3072 pixel bytes)",
+            f.display(),
+            bytes.len()
+        ));
+    }
+    for rec in bytes.chunks_exact(CIFAR_RECORD) {
+        if rec[0] > 9 {
+            return Err(format!(
+                "{}: label {} is outside 0..=9 (not a CIFAR-10 file?)",
+                f.display(),
+                rec[0]
+            ));
+        }
+        labels.push(rec[0]);
+        pixels.extend_from_slice(&rec[1..]);
+    }
+    Ok(())
 }
 
 fn read_maybe_gz(base: &Path, how: &str) -> Result<(PathBuf, Vec<u8>), String> {
@@ -238,12 +249,23 @@ fn read_maybe_gz(base: &Path, how: &str) -> Result<(PathBuf, Vec<u8>), String> {
         }
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&raw[..])
+            .take(MAX_GUNZIPPED as u64 + 1)
             .read_to_end(&mut out)
             .map_err(|e| format!("{}: not a valid gzip file: {e}", path.display()))?;
+        if out.len() > MAX_GUNZIPPED {
+            return Err(format!(
+                "{}: unpacks to more than {} MiB; an MNIST file is at most 47 MiB",
+                path.display(),
+                MAX_GUNZIPPED >> 20
+            ));
+        }
         return Ok((path, out));
     }
     Err(missing(&gz, how))
 }
+
+/// Largest gunzipped IDX file accepted (a gzip bomb is refused, not unpacked).
+const MAX_GUNZIPPED: usize = 1 << 30;
 
 fn be_u32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
@@ -257,32 +279,48 @@ fn load_mnist(dir: &Path, split: Split) -> Result<Dataset, String> {
     };
     let (ip, images) = read_maybe_gz(&dir.join(format!("{prefix}-images-idx3-ubyte")), how)?;
     let (lp, labels) = read_maybe_gz(&dir.join(format!("{prefix}-labels-idx1-ubyte")), how)?;
-    if images.len() < 16 || be_u32(&images, 0) != 0x0803 {
+    parse_mnist(&images, &labels, &ip, &lp)
+}
+
+/// An MNIST IDX pair (u8 images `[n, h, w]`, u8 labels `[n]`), already unpacked; `ip` and
+/// `lp` name the files in errors.
+pub fn parse_mnist(images: &[u8], labels: &[u8], ip: &Path, lp: &Path) -> Result<Dataset, String> {
+    if images.len() < 16 || be_u32(images, 0) != 0x0803 {
         return Err(format!(
             "{}: not an IDX3 u8 image file (bad magic)",
             ip.display()
         ));
     }
-    if labels.len() < 8 || be_u32(&labels, 0) != 0x0801 {
+    if labels.len() < 8 || be_u32(labels, 0) != 0x0801 {
         return Err(format!(
             "{}: not an IDX1 u8 label file (bad magic)",
             lp.display()
         ));
     }
     let (n, h, w) = (
-        be_u32(&images, 4) as usize,
-        be_u32(&images, 8) as usize,
-        be_u32(&images, 12) as usize,
+        be_u32(images, 4) as usize,
+        be_u32(images, 8) as usize,
+        be_u32(images, 12) as usize,
     );
-    if images.len() != 16 + n * h * w {
+    if h == 0 || w == 0 {
+        return Err(format!(
+            "{}: header says images of {h}x{w}; expected both sides >= 1",
+            ip.display()
+        ));
+    }
+    let want = n
+        .checked_mul(h)
+        .and_then(|v| v.checked_mul(w))
+        .and_then(|v| v.checked_add(16));
+    if want != Some(images.len()) {
         return Err(format!(
             "{}: header says {n} images of {h}x{w} ({} bytes), the file holds {}",
             ip.display(),
-            16 + n * h * w,
+            want.map_or("more than 2^64".to_string(), |b| b.to_string()),
             images.len()
         ));
     }
-    let nl = be_u32(&labels, 4) as usize;
+    let nl = be_u32(labels, 4) as usize;
     if labels.len() != 8 + nl || nl != n {
         return Err(format!(
             "{}: {nl} labels ({} bytes) for {n} images",
@@ -299,6 +337,6 @@ fn load_mnist(dir: &Path, split: Split) -> Result<Dataset, String> {
         pixels: images[16..].to_vec(),
         labels: labels[8..].to_vec(),
         classes: 10,
-        files: vec![ip, lp],
+        files: vec![ip.to_path_buf(), lp.to_path_buf()],
     })
 }

@@ -5,6 +5,7 @@ mod compare;
 mod compare_gemm;
 mod compare_kmeans;
 mod compare_model;
+mod fuzz;
 mod run;
 mod util;
 
@@ -38,6 +39,11 @@ tasks:
       torch is installed) on the same shapes in alternating rounds; GOPS, % of the measured
       per-core peak, ratio; default shapes: squares, ResNet-20 im2col (batch 1 and 64),
       transformer projections
+  fuzz [--seconds N] [--targets onnx,experiment,npy,idx,cifar]
+      runs each fuzz target of fuzz/ (cargo-fuzz, libFuzzer; installs cargo-fuzz and the
+      nightly toolchain when missing) for N seconds (default 60) with a 1024 MiB limit per
+      allocation; prints the executions per target; fails on a crash (input under
+      fuzz/artifacts/)
   run EXPERIMENT.toml [--out DIR] [--quiet]
       run an experiment (models x methods x bitwidths) with a release build of quantbench;
       results go to results/<name>/<UTC time>-<git sha>/ (or DIR, where finished cells are
@@ -48,6 +54,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("bench") => bench::main(&args[1..]),
         Some("compare") => compare::main(&args[1..]),
+        Some("fuzz") => fuzz::main(&args[1..]),
         Some("run") => run::main(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
