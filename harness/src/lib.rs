@@ -11,6 +11,7 @@ pub mod data;
 pub mod engine;
 pub mod eval;
 pub mod experiment;
+pub mod memory;
 pub mod model;
 pub mod quant;
 #[cfg(feature = "report")]

@@ -126,6 +126,10 @@ enum Command {
         /// Evaluation threads (default: every core); the results do not depend on it.
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
         threads: Option<u64>,
+        /// Refuse the run when its estimated peak memory exceeds SIZE (e.g. 4G, 512M);
+        /// default: the memory the machine has available.
+        #[arg(long, value_name = "SIZE", value_parser = quantbench::memory::parse_size)]
+        max_memory: Option<u64>,
     },
     /// Print the instruction sets this CPU supports and the one kernels will use.
     Isa,
@@ -340,6 +344,7 @@ fn run(cli: Cli) -> Result<(), String> {
             results,
             quiet,
             threads,
+            max_memory,
         } => {
             let root = data.or_else(quantbench::data_root).ok_or(
                 "no data root: set QUANTBENCH_DATA or pass --data (../shared does not exist here)",
@@ -354,6 +359,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     .unwrap_or_else(|_| command_line("rustc", &["-V"])),
                 progress: !quiet,
                 threads: threads.map(|t| t as usize),
+                max_memory,
             };
             let summary = quantbench::runner::run_experiment(&experiment, &opts)?;
             eprintln!(

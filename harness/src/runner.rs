@@ -77,6 +77,8 @@ pub struct RunOptions {
     pub progress: bool,
     /// Evaluation threads (None: every core). Results do not depend on it.
     pub threads: Option<usize>,
+    /// Refuse a run whose estimated peak memory is above this (None: the available memory).
+    pub max_memory: Option<u64>,
 }
 
 pub struct RunSummary {
@@ -221,13 +223,58 @@ pub fn run_experiment(path: &Path, opts: &RunOptions) -> Result<RunSummary, Stri
         .normalization
         .clone()
         .unwrap_or_else(|| exp.data.dataset.default_normalization());
+    // memory: data and models are checked before they are read, activations once the models
+    // are loaded
+    let threads = opts
+        .threads
+        .unwrap_or_else(crate::eval::default_threads)
+        .max(1);
+    let (limit, limit_source) = match opts.max_memory {
+        Some(b) => (Some(b), "--max-memory"),
+        None => (
+            crate::memory::available(),
+            "the memory this machine has available",
+        ),
+    };
+    let needs_calib = cells.iter().any(|c| c.act.bits.is_some());
+    let mut mem = vec![crate::memory::Part {
+        what: "evaluation images".into(),
+        bytes: crate::memory::dataset_bytes(
+            &opts.data_root,
+            exp.data.dataset,
+            exp.data.split,
+            exp.data.limit,
+        ),
+    }];
+    if needs_calib {
+        mem.push(crate::memory::Part {
+            what: "calibration images".into(),
+            bytes: crate::memory::dataset_bytes(
+                &opts.data_root,
+                exp.data.dataset,
+                exp.calibration.split,
+                Some(exp.calibration.samples),
+            ),
+        });
+    }
+    mem.push(crate::memory::Part {
+        what: "models (4x the ONNX files)".into(),
+        bytes: exp
+            .models
+            .iter()
+            .map(|m| 4 * std::fs::metadata(&m.path).map_or(0, |md| md.len()))
+            .sum(),
+    });
+    if let Some(limit) = limit {
+        crate::memory::check(&mem, limit, limit_source)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
     let mut data = Dataset::load(&opts.data_root, exp.data.dataset, exp.data.split)?;
     if let Some(n) = exp.data.limit {
         data.truncate(n);
     }
     norm.validate(data.image_shape[0])
         .map_err(|e| format!("{}: data.normalization: {e}", path.display()))?;
-    let needs_calib = cells.iter().any(|c| c.act.bits.is_some());
     let calib_data = if needs_calib {
         let mut c = Dataset::load(&opts.data_root, exp.data.dataset, exp.calibration.split)
             .map_err(|e| format!("calibration data: {e}"))?;
@@ -239,10 +286,7 @@ pub fn run_experiment(path: &Path, opts: &RunOptions) -> Result<RunSummary, Stri
     let eval_opts = EvalOptions {
         batch: exp.data.batch,
         progress: opts.progress,
-        threads: opts
-            .threads
-            .unwrap_or_else(crate::eval::default_threads)
-            .max(1),
+        threads,
         ..Default::default()
     };
 
@@ -263,6 +307,28 @@ pub fn run_experiment(path: &Path, opts: &RunOptions) -> Result<RunSummary, Stri
         }
         graphs.insert(m.name.clone(), g);
     }
+    let mut activations = 0u64;
+    for m in &exp.models {
+        let g = &graphs[&m.name];
+        let batch = check_model_fits(g, &data, exp.data.batch)? as u64;
+        let per_image =
+            crate::memory::activation_bytes_per_image(g, data.image_shape).map_err(|e| {
+                format!(
+                    "model '{}': a forward pass of one image failed: {e}",
+                    m.name
+                )
+            })?;
+        activations = activations.max(per_image * batch * threads as u64);
+    }
+    mem.push(crate::memory::Part {
+        what: format!("activations ({threads} threads)"),
+        bytes: activations,
+    });
+    let memory_estimate = match limit {
+        Some(limit) => crate::memory::check(&mem, limit, limit_source)
+            .map_err(|e| format!("{}: {e}", path.display()))?,
+        None => mem.iter().map(|p| p.bytes).sum(),
+    };
 
     let mut rows: Vec<Row> = Vec::new();
     let mut latency: Vec<LatencyRecord> = Vec::new();
@@ -439,6 +505,8 @@ pub fn run_experiment(path: &Path, opts: &RunOptions) -> Result<RunSummary, Stri
         "eval_files": data.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
         "calibration": { "split": format!("{:?}", exp.calibration.split).to_lowercase(), "samples": calib_data.as_ref().map(|c| c.len()), "percentile": exp.calibration.percentile },
         "threads": eval_opts.threads,
+        "memory_estimate_bytes": memory_estimate,
+        "memory_limit_bytes": limit,
         "finished_utc": crate::utc_stamp(),
     });
     crate::report::write_report(&dir, &exp, &rows, &latency, &meta)?;

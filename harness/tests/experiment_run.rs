@@ -23,6 +23,7 @@ fn opts(out: &Path) -> RunOptions {
         rustc: "test".into(),
         progress: false,
         threads: None,
+        max_memory: None,
     }
 }
 

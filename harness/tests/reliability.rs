@@ -352,3 +352,42 @@ fn results_are_identical_across_runs_threads_and_isas() {
     }
     std::fs::remove_dir_all(&tmp).ok();
 }
+
+#[test]
+fn a_run_that_would_not_fit_in_memory_is_refused_up_front() {
+    let tmp = std::env::temp_dir().join(format!("qb-memory-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let exp = tmp.join("interrupted.toml");
+    std::fs::write(&exp, EXPERIMENT).unwrap();
+    let out = tmp.join("run");
+    // 300 MNIST images are 235 KB and MNIST-8 is 26 KB: 200 KiB cannot hold them
+    let o = quantbench(&exp, &out)
+        .args(["--max-memory", "200K"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("interrupted.toml: estimated peak memory")
+            && err.contains("evaluation images 0 MiB")
+            && err.contains("exceeds the limit of 0 MiB (--max-memory)"),
+        "{err}"
+    );
+    assert!(
+        !out.join("runs.csv").exists() && !out.join("cells").join("mnist8--fp32.json").exists()
+    );
+    // enough memory: the run goes through and records its estimate
+    run_with(&exp, &out, &["--max-memory", "1G"], &[]);
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("meta.json")).unwrap()).unwrap();
+    let est = meta["memory_estimate_bytes"].as_u64().unwrap();
+    assert!(est > 300 * 784 && est < 1 << 30, "{est}");
+    assert_eq!(meta["memory_limit_bytes"].as_u64(), Some(1 << 30));
+    let o = quantbench(&exp, &out)
+        .args(["--max-memory", "lots"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("'lots' is not a size"));
+    std::fs::remove_dir_all(&tmp).ok();
+}
