@@ -14,6 +14,9 @@
 //! The inputs are deterministic and small enough to sit in L2 (64 KiB of f32 per operand), so
 //! the timings measure the kernels rather than the memory bus of a shared machine.
 
+mod common;
+
+use common::data;
 use std::hint::black_box;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -40,18 +43,6 @@ struct Case {
     /// `false` for kernels with one implementation (bit packing): instructions only.
     dispatched: bool,
     setup: fn(&Kernels) -> Run,
-}
-
-fn data(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = 0x2545_F491_4F6C_DD1Du64 ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0
-        })
-        .collect()
 }
 
 fn params() -> QuantParams {

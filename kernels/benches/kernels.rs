@@ -5,6 +5,9 @@
 //! `cargo bench -p quantbench-kernels` runs them all; filter with a substring, e.g.
 //! `cargo bench -p quantbench-kernels -- quantize_f32_i8/avx512`.
 
+mod common;
+
+use common::data;
 use std::time::Duration;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -13,19 +16,6 @@ use quantbench_kernels::{ChannelLayout, Isa, Kernels, NoiseKey, QuantParams};
 
 const SIZES: [usize; 4] = [4096, 65539, 262_144, 16 << 20];
 const CHANNELS: usize = 64;
-
-fn data(n: usize) -> Vec<f32> {
-    // deterministic, spread over the whole i8 range and beyond
-    let mut s = 0x2545_F491_4F6C_DD1Du64;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0
-        })
-        .collect()
-}
 
 struct Inputs {
     x: Vec<f32>,
@@ -51,7 +41,7 @@ fn benches(c: &mut Criterion) {
     let mut inputs: Vec<Inputs> = SIZES
         .iter()
         .map(|&n| {
-            let x = data(n);
+            let x = data(n, 0);
             let acc = x.iter().map(|v| (v * 5000.0) as i32).collect();
             Inputs {
                 x,
@@ -179,7 +169,7 @@ fn kmeans_benches(c: &mut Criterion, isas: &[Isa]) {
             .warm_up_time(Duration::from_millis(300))
             .measurement_time(Duration::from_millis(1200));
         for n in [65_539usize, 262_144, 16 << 20] {
-            let x = data(n);
+            let x = data(n, 0);
             let mut idx = vec![0u8; n];
             let mut out = vec![0f32; n];
             g.throughput(Throughput::Bytes(4 * n as u64));

@@ -706,18 +706,10 @@ fn plot(root: &Path, history: &Path) -> Result<(), String> {
             history.display()
         ));
     }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    eprintln!("[bench] building quantbench (release)");
-    run(Command::new(&cargo).current_dir(root).args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "quantbench",
-    ]))?;
+    let quantbench = crate::util::build_quantbench(root, "bench")?;
     for ext in ["svg", "png"] {
         let out = history.with_extension(ext);
-        run(Command::new(root.join("target/release/quantbench"))
+        run(Command::new(&quantbench)
             .arg("plot-bench-history")
             .arg("--history")
             .arg(history)

@@ -81,9 +81,9 @@ pub struct Setup {
     pub work: PathBuf,
 }
 
-pub fn setup(root: &Path, out_dir: &Path) -> Result<Setup, String> {
-    let python = peer_python(root)?;
-    eprintln!("[compare] building quantbench (release)");
+/// Builds the release `quantbench` binary and returns its path; `task` prefixes the message.
+pub fn build_quantbench(root: &Path, task: &str) -> Result<PathBuf, String> {
+    eprintln!("[{task}] building quantbench (release)");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     run(Command::new(&cargo).current_dir(root).args([
         "build",
@@ -92,13 +92,19 @@ pub fn setup(root: &Path, out_dir: &Path) -> Result<Setup, String> {
         "-p",
         "quantbench",
     ]))?;
+    Ok(root.join("target/release/quantbench"))
+}
+
+pub fn setup(root: &Path, out_dir: &Path) -> Result<Setup, String> {
+    let python = peer_python(root)?;
+    let quantbench = build_quantbench(root, "compare")?;
     let work = root.join("target/compare");
     for dir in [&work, &out_dir.to_path_buf()] {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
     Ok(Setup {
         python,
-        quantbench: root.join("target/release/quantbench"),
+        quantbench,
         work,
     })
 }
