@@ -45,7 +45,7 @@ fn smoke_experiment_writes_every_result_and_resumes() {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
     // No temporary file is left behind.
-    let leftovers: Vec<_> = walk(dir)
+    let leftovers: Vec<_> = common::files(dir)
         .into_iter()
         .filter(|p| p.to_string_lossy().contains(".partial-"))
         .collect();
@@ -178,19 +178,6 @@ fn smoke_experiment_writes_every_result_and_resumes() {
         "same config, same numbers"
     );
     std::fs::remove_dir_all(&tmp).ok();
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 const BASE: &str = r#"

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::root;
+use common::{files, root};
 
 /// MNIST-8 on 300 test images: seven cells (fp32, linear 8/4/2 bits, k-means 4/2 bits,
 /// integer_only), no latency measurement, so every remaining column is deterministic.
@@ -105,21 +105,6 @@ fn table(dir: &Path) -> Vec<Vec<String>> {
         .chain(lines.map(|l| l.split(',').map(str::to_string).collect()))
         .map(|row: Vec<String>| keep.iter().map(|&i| row[i].clone()).collect())
         .collect()
-}
-
-fn files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(files(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 /// Every result file in `dir` is complete: JSON parses, CSV rows have the header's width and

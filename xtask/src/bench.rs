@@ -117,7 +117,9 @@ pub fn main(args: &[String]) -> Result<(), String> {
     };
 
     let gate = build_gate(&root)?;
-    let mut cases = list_cases(&gate)?;
+    let all_cases = list_cases(&gate)?;
+    let host = host(&all_cases);
+    let mut cases = all_cases;
     if let Some(only) = &only {
         for name in only {
             if !cases.iter().any(|(k, _)| k == name) {
@@ -133,7 +135,6 @@ pub fn main(args: &[String]) -> Result<(), String> {
         }
         cases.retain(|(k, _)| only.contains(k));
     }
-    let host = host(&gate)?;
     let work = root.join("target/bench-gate");
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
 
@@ -314,12 +315,12 @@ fn list_cases(gate: &Path) -> Result<Vec<(String, Vec<String>)>, String> {
         .collect()
 }
 
-fn host(gate: &Path) -> Result<Host, String> {
+fn host(cases: &[(String, Vec<String>)]) -> Host {
     let mut isas: Vec<String> = Vec::new();
-    for (_, i) in list_cases(gate)? {
+    for (_, i) in cases {
         for isa in i {
-            if !isas.contains(&isa) {
-                isas.push(isa);
+            if !isas.contains(isa) {
+                isas.push(isa.clone());
             }
         }
     }
@@ -328,12 +329,12 @@ fn host(gate: &Path) -> Result<Host, String> {
             .map(|s| s.lines().next().unwrap_or("").trim().to_string())
             .unwrap_or_default()
     };
-    Ok(Host {
+    Host {
         cpu: cpu_model(),
         isas,
         rustc: first_line(Command::new("rustc").arg("-V")),
         valgrind: first_line(Command::new("valgrind").arg("--version")),
-    })
+    }
 }
 
 fn valgrind_available() -> bool {

@@ -1,6 +1,6 @@
 //! Shared by the harness's integration tests.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The shared data root (`QUANTBENCH_DATA`, else ../shared); the tests need it.
 pub fn root() -> PathBuf {
@@ -16,4 +16,21 @@ pub fn root() -> PathBuf {
         r.display()
     );
     r
+}
+
+/// Every file under `dir`, recursively (empty when `dir` does not exist).
+#[allow(dead_code)] // not every test file walks folders
+pub fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
 }
