@@ -47,6 +47,72 @@ pub struct Experiment {
     pub latency: LatencySpec,
     #[serde(default)]
     pub report: ReportSpec,
+    /// Mixed precision: per-layer sensitivity and bit allocation under size budgets.
+    pub search: Option<SearchSpec>,
+}
+
+/// `[search]`: quantize one weight layer at a time with each candidate, measure the damage on
+/// held-out images, then choose one candidate per layer for each budget (see `mixed.rs`).
+/// Weight-only: activations stay fp32.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchSpec {
+    /// Held-out images for the sensitivity and the refinement: taken from the calibration split
+    /// after its first `calibration.samples` images (never from the evaluated split).
+    #[serde(default = "default_search_samples")]
+    pub samples: usize,
+    /// Per-layer candidates, written like `[[methods]]` entries (lists expand).
+    pub candidates: Vec<MethodSpec>,
+    pub budgets: Vec<BudgetSpec>,
+    /// Greedy refinement: rounds of moves verified on the held-out images (0: the DP's choice).
+    #[serde(default = "default_refine_steps")]
+    pub refine_steps: usize,
+    /// Moves evaluated per round (the ones the additive proxy ranks best).
+    #[serde(default = "default_refine_moves")]
+    pub refine_moves: usize,
+}
+
+fn default_search_samples() -> usize {
+    2000
+}
+fn default_refine_steps() -> usize {
+    2
+}
+fn default_refine_moves() -> usize {
+    6
+}
+
+/// One size budget; exactly one key.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetSpec {
+    /// The model file may be at most as large as the file of this grid cell (its tag, e.g.
+    /// "km3pt" or "lin4pcs").
+    pub size_of: Option<String>,
+    /// Codes plus parameters (scales, zero points, codebooks) of the weight layers, in bits per
+    /// weight.
+    pub bits_per_weight: Option<f64>,
+    /// The model file in bytes.
+    pub bytes: Option<u64>,
+}
+
+/// A budget after validation.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum Budget {
+    SizeOf(String),
+    BitsPerWeight(f64),
+    Bytes(u64),
+}
+
+impl Budget {
+    /// Names the budget in labels and file names.
+    pub fn tag(&self) -> String {
+        match self {
+            Budget::SizeOf(t) => format!("size-of-{t}"),
+            Budget::BitsPerWeight(b) => format!("{b}bpw"),
+            Budget::Bytes(n) => format!("{n}B"),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -237,6 +303,25 @@ pub struct LayerRule {
     pub granularity: Option<Granularity>,
     pub symmetric: Option<bool>,
     pub int_bits: Option<i32>,
+}
+
+impl BudgetSpec {
+    pub fn resolve(&self, key: &str) -> Result<Budget, String> {
+        match (&self.size_of, self.bits_per_weight, self.bytes) {
+            (Some(t), None, None) => Ok(Budget::SizeOf(t.clone())),
+            (None, Some(b), None) if b.is_finite() && b > 0.0 && b <= 32.0 => {
+                Ok(Budget::BitsPerWeight(b))
+            }
+            (None, Some(b), None) => Err(format!(
+                "{key}: bits_per_weight = {b}: expected 0 < bits <= 32"
+            )),
+            (None, None, Some(n)) if n > 0 => Ok(Budget::Bytes(n)),
+            (None, None, Some(_)) => Err(format!("{key}: bytes must be >= 1")),
+            _ => Err(format!(
+                "{key}: give exactly one of size_of, bits_per_weight, bytes"
+            )),
+        }
+    }
 }
 
 /// A hybrid override: `layers` selects weight layers by `first`, `last`, their index among the
@@ -518,8 +603,91 @@ impl Experiment {
                 ));
             }
         }
-        self.cells()?;
+        let cells = self.cells()?;
+        if let Some(search) = &self.search {
+            self.validate_search(search, &cells)?;
+        }
         Ok(())
+    }
+
+    fn validate_search(&self, search: &SearchSpec, cells: &[Cell]) -> Result<(), String> {
+        if search.samples == 0 {
+            return Err("search.samples must be >= 1".into());
+        }
+        if search.candidates.is_empty() {
+            return Err("search.candidates: at least one candidate is required".into());
+        }
+        if search.budgets.is_empty() {
+            return Err("search.budgets: at least one budget is required".into());
+        }
+        if self.calibration.split == self.data.split {
+            return Err(format!(
+                "search: the held-out images come from calibration.split = {:?}, which is the evaluated split; \
+                 choosing layers on test images would inflate the results",
+                self.data.split
+            )
+            .to_lowercase());
+        }
+        let n = self.search_candidates()?.len();
+        if n > 255 {
+            return Err(format!(
+                "search.candidates: {n} candidates after expansion; at most 255"
+            ));
+        }
+        for (i, b) in search.budgets.iter().enumerate() {
+            let key = format!("search.budgets[{i}]");
+            let budget = b.resolve(&key)?;
+            if let Budget::SizeOf(tag) = &budget {
+                for m in &self.models {
+                    let id = format!("{}--{tag}", m.name);
+                    let cell = cells.iter().find(|c| c.id == id).ok_or_else(|| {
+                        format!(
+                            "{key}: size_of = \"{tag}\" names no cell of the grid (expected the tag of a [[methods]] cell, e.g. \"km3pt\")"
+                        )
+                    })?;
+                    if cell.act.bits.is_some() || cell.method == MethodKind::IntegerOnly {
+                        return Err(format!(
+                            "{key}: size_of = \"{tag}\" must name a weight-only cell (the search keeps activations in fp32)"
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The search's per-layer candidates: `(tag, scheme)`, in file order, without repeats.
+    pub fn search_candidates(&self) -> Result<Vec<(String, WeightScheme)>, String> {
+        let Some(search) = &self.search else {
+            return Ok(vec![]);
+        };
+        let mut out: Vec<(String, WeightScheme)> = Vec::new();
+        for (i, spec) in search.candidates.iter().enumerate() {
+            let key = format!("search.candidates[{i}] ({})", spec.method.name());
+            if matches!(spec.method, MethodKind::IntegerOnly | MethodKind::Hybrid) {
+                return Err(format!(
+                    "{key}: a per-layer candidate is fp32, linear, fixed_point, dynamic_fixed_point or kmeans"
+                ));
+            }
+            for (what, present) in [
+                ("act_bits", spec.act_bits.is_some()),
+                ("calibration", spec.calibration.is_some()),
+                ("kmeans_mode", spec.kmeans_mode.is_some()),
+            ] {
+                if present {
+                    return Err(format!(
+                        "{key}: '{what}' does not apply to a search candidate (weights only, exact k-means)"
+                    ));
+                }
+            }
+            for cell in self.expand(spec, &key, "m")? {
+                let tag = cell.id.trim_start_matches("m--").to_string();
+                if !out.iter().any(|(t, _)| *t == tag) {
+                    out.push((tag, cell.weights));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The grid: an fp32 baseline per model, then every method entry's combinations.
@@ -815,7 +983,7 @@ fn rule_scheme(
 }
 
 /// Lower-case letters and digits, every other run of characters one '-'.
-fn slug(s: &str) -> String {
+pub fn slug(s: &str) -> String {
     let mut out = String::new();
     for c in s.chars() {
         if c.is_ascii_alphanumeric() {

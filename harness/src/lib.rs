@@ -12,6 +12,7 @@ pub mod engine;
 pub mod eval;
 pub mod experiment;
 pub mod memory;
+pub mod mixed;
 pub mod model;
 pub mod quant;
 #[cfg(feature = "report")]

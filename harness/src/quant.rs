@@ -304,6 +304,33 @@ pub fn simulated_graph(graph: &Graph, qm: &QuantizedModel) -> Result<Graph, Stri
 /// (I8) | `<name>.codebook` (F32, [channels, clusters]); every other constant as F32; the
 /// scheme of every weight in the metadata. Written to a temporary file and renamed.
 pub fn write_safetensors(path: &Path, graph: &Graph, qm: &QuantizedModel) -> Result<u64, String> {
+    let bytes = safetensors_bytes(graph, qm).map_err(|e| format!("{}: {e}", path.display()))?;
+    crate::write_atomic(path, &bytes)?;
+    Ok(bytes.len() as u64)
+}
+
+/// Bytes of a weight's stored form: codes plus parameters (scales, zero points, fractional
+/// bits, codebooks), as [`write_safetensors`] writes them.
+pub fn stored_bytes(s: &Stored) -> u64 {
+    (match s {
+        Stored::Float(v) => 4 * v.len(),
+        Stored::Linear {
+            packed,
+            scales,
+            zero_points,
+            ..
+        } => packed.len() + 4 * scales.len() + zero_points.len(),
+        Stored::Fixed {
+            packed, frac_bits, ..
+        } => packed.len() + frac_bits.len(),
+        Stored::KMeans {
+            packed, codebooks, ..
+        } => packed.len() + 4 * codebooks.len(),
+    }) as u64
+}
+
+/// The safetensors file of [`write_safetensors`], in memory.
+pub fn safetensors_bytes(graph: &Graph, qm: &QuantizedModel) -> Result<Vec<u8>, String> {
     use safetensors::tensor::{Dtype, TensorView};
     let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut meta = BTreeMap::new();
@@ -397,10 +424,7 @@ pub fn write_safetensors(path: &Path, graph: &Graph, qm: &QuantizedModel) -> Res
         .iter()
         .map(|(n, d, s, b)| TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)))
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|e| e.to_string())?;
     let meta: std::collections::HashMap<String, String> = meta.into_iter().collect();
-    let bytes = safetensors::serialize(views, Some(meta))
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    crate::write_atomic(path, &bytes)?;
-    Ok(bytes.len() as u64)
+    safetensors::serialize(views, Some(meta)).map_err(|e| e.to_string())
 }

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use polars::prelude::*;
 
 use crate::experiment::Experiment;
@@ -223,6 +224,9 @@ fn summary(
             ));
         }
     }
+    if let Some(search) = meta["search"].as_object() {
+        s.push_str(&search_summary(search, rows));
+    }
     if let Some(files) = meta["charts"].as_array() {
         s.push_str("\n## Charts\n\n");
         for f in files
@@ -234,6 +238,53 @@ fn summary(
         }
     } else if let Some(why) = meta["charts"].as_str() {
         s.push_str(&format!("\nCharts: {why}\n"));
+    }
+    s
+}
+
+/// The mixed-precision section of the summary: per budget, what the search chose on the
+/// held-out images and what it scored on the evaluated split next to the uniform cell.
+fn search_summary(search: &serde_json::Map<String, serde_json::Value>, rows: &[Row]) -> String {
+    let row = |cell: &str| rows.iter().find(|r| r.cell == cell);
+    let mut s = String::from("\n## Mixed precision (search)\n\n");
+    for (model, o) in search {
+        s.push_str(&format!(
+            "{model}: {} weight layers x {} candidates measured on {} held-out images of the calibration split (fp32 held-out top-1 {:.2} %); search {:.0} s. \
+             Sensitivity table and heat map: `search/{model}/sensitivity.csv`, `search/{model}/sensitivity.svg`; the chosen configurations as an experiment file: `search/chosen.toml`.\n\n",
+            o["layers"].as_array().map_or(0, |a| a.len()),
+            o["candidates"].as_array().map_or(0, |a| a.len()),
+            o["held_out_images"],
+            o["fp32_heldout_top1"].as_f64().unwrap_or(0.0) * 100.0,
+            o["seconds"].as_f64().unwrap_or(0.0),
+        ));
+        s.push_str("| budget | file bytes (limit) | bits/weight | held-out top-1 % DP -> refined | moves kept/tried | test top-1 % mixed | uniform cell | its bytes | its test top-1 % |\n|---|---:|---:|---:|---:|---:|---|---:|---:|\n");
+        for a in o["allocations"].as_array().into_iter().flatten() {
+            let mixed = a["cell"].as_str().and_then(row);
+            let uniform = a["size_of"].as_str().and_then(row);
+            s.push_str(&format!(
+                "| {} | {} ({}) | {:.3} | {:.2} -> {:.2} | {}/{} | {} | {} | {} | {} |\n",
+                a["budget"].as_str().unwrap_or("?"),
+                a["file_bytes"],
+                a["target_file_bytes"]
+                    .as_u64()
+                    .map_or("-".into(), |v| v.to_string()),
+                a["bits_per_weight"].as_f64().unwrap_or(0.0),
+                a["dp_heldout_top1"].as_f64().unwrap_or(0.0) * 100.0,
+                a["heldout_top1"].as_f64().unwrap_or(0.0) * 100.0,
+                a["moves_accepted"],
+                a["moves_evaluated"],
+                mixed.map_or("-".into(), |r| format!("{:.2}", r.top1 * 100.0)),
+                uniform.map_or("-".into(), |r| r
+                    .cell
+                    .split("--")
+                    .nth(1)
+                    .unwrap_or("")
+                    .to_string()),
+                uniform.map_or("-".into(), |r| r.size_bytes.to_string()),
+                uniform.map_or("-".into(), |r| format!("{:.2}", r.top1 * 100.0)),
+            ));
+        }
+        s.push('\n');
     }
     s
 }
@@ -297,12 +348,14 @@ fn charts(
 ) -> Result<Vec<String>, String> {
     ensure_font()?;
     let mut files = Vec::new();
+    let mixed = rows.iter().any(is_mixed);
     for (name, draw) in [
         ("accuracy_vs_bits", 0),
         ("accuracy_vs_size", 1),
         ("latency", 2),
+        ("mixed_vs_uniform", 3),
     ] {
-        if draw == 2 && latency.is_empty() {
+        if (draw == 2 && latency.is_empty()) || (draw == 3 && !mixed) {
             continue;
         }
         let mut kinds = vec!["svg"];
@@ -341,7 +394,8 @@ where
     match which {
         0 => accuracy_vs_bits(&root, rows)?,
         1 => accuracy_vs_size(&root, rows)?,
-        _ => latency_chart(&root, latency)?,
+        2 => latency_chart(&root, latency)?,
+        _ => mixed_vs_uniform(&root, rows)?,
     }
     root.present()?;
     Ok(())
@@ -483,6 +537,196 @@ where
         .border_style(BLACK)
         .label_font(("sans-serif", 13))
         .draw()?;
+    Ok(())
+}
+
+/// A row the mixed-precision search produced.
+fn is_mixed(r: &Row) -> bool {
+    r.method == "hybrid" && r.label.starts_with("mixed ")
+}
+
+/// The Pareto fronts of the uniform rows (one method and bit width for every layer) and of the
+/// mixed rows of the search, per model, on one accuracy-vs-size chart.
+fn mixed_vs_uniform<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    rows: &[Row],
+) -> Result<(), DynErr>
+where
+    DB::ErrorType: 'static,
+{
+    let uniform: Vec<Row> = rows
+        .iter()
+        .filter(|r| r.method != "hybrid" && r.method != "fp32" && r.act_bits == 32)
+        .cloned()
+        .collect();
+    let mixed: Vec<Row> = rows.iter().filter(|r| is_mixed(r)).cloned().collect();
+    let shown: Vec<&Row> = uniform.iter().chain(&mixed).collect();
+    let kib = |r: &Row| r.size_bytes as f64 / 1024.0;
+    let lo = shown
+        .iter()
+        .map(|r| kib(r))
+        .fold(f64::INFINITY, f64::min)
+        .max(0.01)
+        * 0.8;
+    let hi = shown.iter().map(|r| kib(r)).fold(0.0, f64::max) * 1.25;
+    let ymin = shown.iter().map(|r| r.top1 * 100.0).fold(100.0, f64::min);
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            "Mixed precision (search) vs uniform quantization: Pareto fronts",
+            ("sans-serif", 22),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(55)
+        .build_cartesian_2d((lo..hi).log_scale(), ((ymin - 5.0).max(0.0))..100f64)?;
+    chart
+        .configure_mesh()
+        .x_desc("safetensors file size, KiB (log)")
+        .y_desc("top-1 %")
+        .draw()?;
+    let mut models: Vec<&str> = mixed.iter().map(|r| r.model.as_str()).collect();
+    models.sort();
+    models.dedup();
+    for (i, m) in models.iter().enumerate() {
+        for (j, (set, what)) in [(&uniform, "uniform"), (&mixed, "mixed")]
+            .into_iter()
+            .enumerate()
+        {
+            let color = PALETTE[(2 * i + j) % PALETTE.len()];
+            let of_model: Vec<Row> = set.iter().filter(|r| r.model == *m).cloned().collect();
+            chart.draw_series(
+                of_model
+                    .iter()
+                    .map(|r| Circle::new((kib(r), r.top1 * 100.0), 3, color.mix(0.5).filled())),
+            )?;
+            let front = pareto(&of_model);
+            let mut pts: Vec<(f64, f64)> = of_model
+                .iter()
+                .zip(&front)
+                .filter(|(_, &f)| f)
+                .map(|(r, _)| (kib(r), r.top1 * 100.0))
+                .collect();
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            chart
+                .draw_series(LineSeries::new(pts, color.stroke_width(2)))?
+                .label(format!("{m} {what} front"))
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2))
+                });
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .draw()?;
+    Ok(())
+}
+
+/// `search/<model>/sensitivity.svg` (and `.png`): the output SQNR of every (layer, candidate)
+/// with only that layer quantized, as a heat map (dark: the layer is sensitive).
+pub fn write_search_charts(
+    dir: &Path,
+    out: &crate::mixed::SearchOutcome,
+    png: bool,
+) -> Result<(), String> {
+    ensure_font()?;
+    let dir = dir.join(crate::sys::file_safe(&out.model));
+    let mut kinds = vec!["svg"];
+    if png {
+        kinds.push("png");
+    }
+    for kind in kinds {
+        let tmp = dir.join(format!("sensitivity.partial-{}.{kind}", std::process::id()));
+        let size = (
+            (220 + 46 * out.layers.len()).max(700) as u32,
+            (160 + 26 * out.candidates.len()) as u32,
+        );
+        let result: Result<(), DynErr> = if kind == "svg" {
+            heat_map(SVGBackend::new(&tmp, size).into_drawing_area(), out)
+        } else {
+            heat_map(BitMapBackend::new(&tmp, size).into_drawing_area(), out)
+        };
+        result.map_err(|e| format!("sensitivity.{kind}: {e}"))?;
+        std::fs::rename(&tmp, dir.join(format!("sensitivity.{kind}")))
+            .map_err(|e| format!("sensitivity.{kind}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn heat_map<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    out: &crate::mixed::SearchOutcome,
+) -> Result<(), DynErr>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    let (nl, nc) = (out.layers.len(), out.candidates.len());
+    let cands = out.candidates.clone();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "{}: output SQNR (dB) with one layer quantized, the rest fp32",
+                out.model
+            ),
+            ("sans-serif", 18),
+        )
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(90)
+        .build_cartesian_2d((0..nl).into_segmented(), (0..nc).into_segmented())?;
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_desc("weight layer (index)")
+        .x_labels(nl)
+        .y_labels(nc)
+        .x_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) => i.to_string(),
+            _ => String::new(),
+        })
+        .y_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) => cands.get(*i).cloned().unwrap_or_default(),
+            _ => String::new(),
+        })
+        .draw()?;
+    let centre = Pos::new(HPos::Center, VPos::Center);
+    for l in 0..nl {
+        for c in 0..nc {
+            let db = out.table[l * nc + c].output_sqnr_db;
+            // 0 dB and below dark red, 40 dB and above pale yellow; fp32 (no noise) white
+            let color = match db {
+                None => WHITE,
+                Some(v) => {
+                    let t = (v / 40.0).clamp(0.0, 1.0);
+                    let (r, g, b) = HSLColor(0.16 * t, 0.85, 0.18 + 0.7 * t).rgb();
+                    RGBColor(r, g, b)
+                }
+            };
+            chart.draw_series(std::iter::once(Rectangle::new(
+                [
+                    (SegmentValue::Exact(l), SegmentValue::Exact(c)),
+                    (SegmentValue::Exact(l + 1), SegmentValue::Exact(c + 1)),
+                ],
+                color.filled(),
+            )))?;
+            let text = db.map_or("fp32".to_string(), |v| format!("{v:.0}"));
+            let ink = if db.is_some_and(|v| v < 20.0) {
+                WHITE
+            } else {
+                BLACK
+            };
+            chart.draw_series(std::iter::once(Text::new(
+                text,
+                (SegmentValue::CenterOf(l), SegmentValue::CenterOf(c)),
+                ("sans-serif", 11).into_font().color(&ink).pos(centre),
+            )))?;
+        }
+    }
+    root.present()?;
     Ok(())
 }
 

@@ -257,6 +257,17 @@ pub fn run_experiment(path: &Path, opts: &RunOptions) -> Result<RunSummary, Stri
             ),
         });
     }
+    if let Some(search) = &exp.search {
+        mem.push(crate::memory::Part {
+            what: "search held-out images".into(),
+            bytes: crate::memory::dataset_bytes(
+                &opts.data_root,
+                exp.data.dataset,
+                exp.calibration.split,
+                Some(exp.calibration.samples + search.samples),
+            ),
+        });
+    }
     mem.push(crate::memory::Part {
         what: "models (4x the ONNX files)".into(),
         bytes: exp
@@ -330,29 +341,165 @@ pub fn run_experiment(path: &Path, opts: &RunOptions) -> Result<RunSummary, Stri
         None => mem.iter().map(|p| p.bytes).sum(),
     };
 
+    let ctx = CellContext {
+        exp: &exp,
+        k: &k,
+        dir: &dir,
+        graphs: &graphs,
+        data: &data,
+        norm: &norm,
+        calib_data: calib_data.as_ref(),
+        eval_opts: &eval_opts,
+    };
     let mut rows: Vec<Row> = Vec::new();
     let mut latency: Vec<LatencyRecord> = Vec::new();
     let mut calib_cache: HashMap<(String, u32, CalibMethod), ActParams> = HashMap::new();
     let mut skipped = 0;
     let total = cells.len();
     for (i, cell) in cells.iter().enumerate() {
-        let record_path = dir.join("cells").join(format!("{}.json", cell.id));
-        if let Ok(bytes) = std::fs::read(&record_path) {
-            if let Ok(rec) = serde_json::from_slice::<CellRecord>(&bytes) {
-                log(&format!(
-                    "[{}/{total}] {}: done earlier, skipped",
-                    i + 1,
-                    cell.id
-                ));
+        let (rec, done_earlier) =
+            ctx.run_or_resume(cell, &mut calib_cache, &format!("[{}/{total}]", i + 1))?;
+        skipped += usize::from(done_earlier);
+        rows.push(rec.row);
+        latency.extend(rec.latency);
+    }
+    let mut search_meta = serde_json::Map::new();
+    if exp.search.is_some() {
+        let schemes: Vec<WeightScheme> =
+            exp.search_candidates()?.into_iter().map(|c| c.1).collect();
+        let mut held = Dataset::load(&opts.data_root, exp.data.dataset, exp.calibration.split)
+            .map_err(|e| format!("search held-out data: {e}"))?;
+        held = held_out(
+            held,
+            exp.calibration.samples,
+            exp.search.as_ref().map_or(0, |s| s.samples),
+        )?;
+        let mut allocations = Vec::new();
+        for m in &exp.models {
+            let grid_sizes: Vec<(String, u64)> = rows
+                .iter()
+                .filter(|r| r.model == m.name)
+                .map(|r| (short_label(&r.cell), r.size_bytes))
+                .collect();
+            let out = crate::mixed::search(&crate::mixed::SearchInput {
+                k: &k,
+                exp: &exp,
+                model: &m.name,
+                graph: &graphs[&m.name],
+                held: &held,
+                norm: &norm,
+                opts: eval_opts.clone(),
+                grid_sizes: &grid_sizes,
+                dir: dir.join("search"),
+                progress: opts.progress,
+            })?;
+            let mixed_cells: Vec<Cell> = out
+                .allocations
+                .iter()
+                .map(|a| crate::mixed::cell(a, &schemes))
+                .collect();
+            let n = mixed_cells.len();
+            for (i, cell) in mixed_cells.iter().enumerate() {
+                let (rec, done_earlier) =
+                    ctx.run_or_resume(cell, &mut calib_cache, &format!("[mixed {}/{n}]", i + 1))?;
+                skipped += usize::from(done_earlier);
                 rows.push(rec.row);
                 latency.extend(rec.latency);
-                skipped += 1;
-                continue;
+            }
+            crate::report::write_search_charts(&dir.join("search"), &out, exp.report.png)
+                .unwrap_or_else(|e| eprintln!("warning: search charts not written: {e}"));
+            search_meta.insert(m.name.clone(), crate::mixed::outcome_json(&out, held.len()));
+            allocations.extend(out.allocations);
+        }
+        let chosen = crate::mixed::chosen_toml(&text, &allocations, &schemes)?;
+        crate::write_atomic(&dir.join("search").join("chosen.toml"), chosen.as_bytes())?;
+    }
+    fill_relative(&mut rows);
+    let meta = serde_json::json!({
+        "experiment": exp.name,
+        "config_file": path.display().to_string(),
+        "config_hash": config_hash,
+        "seed": exp.seed,
+        "host": crate::hostname(),
+        "cpu_model": crate::cpu_model(),
+        "isa": k.isa().name(),
+        "rustc": opts.rustc,
+        "git_sha": opts.git_sha,
+        "cells": rows.len(),
+        "cells_skipped_as_done": skipped,
+        "wall_time_s": wall.elapsed().as_secs_f64(),
+        "eval_images": data.len(),
+        "eval_files": data.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
+        "calibration": { "split": format!("{:?}", exp.calibration.split).to_lowercase(), "samples": calib_data.as_ref().map(|c| c.len()), "percentile": exp.calibration.percentile },
+        "threads": eval_opts.threads,
+        "memory_estimate_bytes": memory_estimate,
+        "memory_limit_bytes": limit,
+        "finished_utc": crate::utc_stamp(),
+    });
+    let mut meta = meta;
+    if !search_meta.is_empty() {
+        meta["search"] = serde_json::Value::Object(search_meta);
+    }
+    crate::report::write_report(&dir, &exp, &rows, &latency, &meta)?;
+    Ok(RunSummary { dir, rows, skipped })
+}
+
+/// What running one cell needs.
+struct CellContext<'a> {
+    exp: &'a Experiment,
+    k: &'a Kernels,
+    dir: &'a Path,
+    graphs: &'a HashMap<String, Graph>,
+    data: &'a Dataset,
+    norm: &'a Normalization,
+    calib_data: Option<&'a Dataset>,
+    eval_opts: &'a EvalOptions,
+}
+
+impl CellContext<'_> {
+    /// The cell's record: read from `cells/<id>.json` when an earlier run finished it (true),
+    /// else run and written there.
+    fn run_or_resume(
+        &self,
+        cell: &Cell,
+        calib_cache: &mut HashMap<(String, u32, CalibMethod), ActParams>,
+        progress: &str,
+    ) -> Result<(CellRecord, bool), String> {
+        let record_path = self.dir.join("cells").join(format!("{}.json", cell.id));
+        if let Ok(bytes) = std::fs::read(&record_path) {
+            if let Ok(rec) = serde_json::from_slice::<CellRecord>(&bytes) {
+                log(&format!("{progress} {}: done earlier, skipped", cell.id));
+                return Ok((rec, true));
             }
         }
         let start = Instant::now();
-        let graph = &graphs[&cell.model];
-        let qm = quantize_model(&k, graph, cell).map_err(|e| format!("cell {}: {e}", cell.id))?;
+        let rec = self.run_cell(cell, calib_cache)?;
+        log(&format!(
+            "{progress} {}: top1 {:.2} %, {} bytes, {:.1} s",
+            cell.id,
+            rec.row.top1 * 100.0,
+            rec.row.size_bytes,
+            start.elapsed().as_secs_f64()
+        ));
+        crate::write_atomic(
+            &record_path,
+            serde_json::to_string_pretty(&rec)
+                .expect("serializable")
+                .as_bytes(),
+        )?;
+        Ok((rec, false))
+    }
+
+    fn run_cell(
+        &self,
+        cell: &Cell,
+        calib_cache: &mut HashMap<(String, u32, CalibMethod), ActParams>,
+    ) -> Result<CellRecord, String> {
+        let (exp, k, dir, data, norm) = (self.exp, self.k, self.dir, self.data, self.norm);
+        let calib_data = self.calib_data;
+        let eval_opts = self.eval_opts;
+        let graph = &self.graphs[&cell.model];
+        let qm = quantize_model(k, graph, cell).map_err(|e| format!("cell {}: {e}", cell.id))?;
         let model_path = dir.join("models").join(format!("{}.safetensors", cell.id));
         let size_bytes = write_safetensors(&model_path, graph, &qm)?;
         let sim = simulated_graph(graph, &qm)?;
@@ -368,7 +515,7 @@ pub fn run_experiment(path: &Path, opts: &RunOptions) -> Result<RunSummary, Stri
                         method,
                         percentile: exp.calibration.percentile,
                     };
-                    let p = calibrate(&k, graph, cd, &norm, &eval_opts, req)
+                    let p = calibrate(k, graph, cd, norm, eval_opts, req)
                         .map_err(|e| format!("cell {}: calibration: {e}", cell.id))?;
                     calib_cache.insert(key.clone(), p);
                 }
@@ -395,31 +542,22 @@ pub fn run_experiment(path: &Path, opts: &RunOptions) -> Result<RunSummary, Stri
                 progress: false,
                 ..eval_opts.clone()
             };
-            let model = crate::engine::int8::build(&k, graph, cd, &norm, &quiet, req)
+            let model = crate::engine::int8::build(k, graph, cd, norm, &quiet, req)
                 .map_err(|e| format!("cell {}: {e}", cell.id))?;
-            let r = evaluate(&model, &data, &norm, &opts_cell, None)
+            let r = evaluate(&model, data, norm, &opts_cell, None)
                 .map_err(|e| format!("cell {}: {e}", cell.id))?;
             // the fake-quant simulation of the same scheme, for the 0.1 pp check
             let (sim_graph, points) = model.simulation()?;
-            let hook = FakeQuantHook {
-                k: &k,
-                params: &points,
-            };
+            let hook = FakeQuantHook { k, params: &points };
             let sim_opts = EvalOptions {
                 label: format!("{} (simulation)", short_label(&cell.id)),
                 ..eval_opts.clone()
             };
-            let s = evaluate(
-                &Engine::new(&sim_graph),
-                &data,
-                &norm,
-                &sim_opts,
-                Some(&hook),
-            )
-            .map_err(|e| format!("cell {}: simulation: {e}", cell.id))?;
+            let s = evaluate(&Engine::new(&sim_graph), data, norm, &sim_opts, Some(&hook))
+                .map_err(|e| format!("cell {}: simulation: {e}", cell.id))?;
             sim_top1 = Some(s.top1);
             for &b in &exp.latency.batch_sizes {
-                let ms = measure_latency(&model, &data, &norm, b, exp.latency.repetitions)?;
+                let ms = measure_latency(&model, data, norm, b, exp.latency.repetitions)?;
                 cell_latency.push(LatencyRecord {
                     model: cell.model.clone(),
                     method: "integer_only".into(),
@@ -432,18 +570,18 @@ pub fn run_experiment(path: &Path, opts: &RunOptions) -> Result<RunSummary, Stri
             r
         } else {
             let engine = Engine::new(&sim);
-            let hook = act.map(|p| FakeQuantHook { k: &k, params: p });
+            let hook = act.map(|p| FakeQuantHook { k, params: p });
             let r = evaluate(
                 &engine,
-                &data,
-                &norm,
+                data,
+                norm,
                 &opts_cell,
                 hook.as_ref().map(|h| h as &dyn crate::engine::EdgeHook),
             )
             .map_err(|e| format!("cell {}: {e}", cell.id))?;
             if cell.method == MethodKind::Fp32 {
                 for &b in &exp.latency.batch_sizes {
-                    let ms = measure_latency(&engine, &data, &norm, b, exp.latency.repetitions)?;
+                    let ms = measure_latency(&engine, data, norm, b, exp.latency.repetitions)?;
                     cell_latency.push(LatencyRecord {
                         model: cell.model.clone(),
                         method: "fp32".into(),
@@ -462,55 +600,41 @@ pub fn run_experiment(path: &Path, opts: &RunOptions) -> Result<RunSummary, Stri
             &r,
             size_bytes,
             &cell_latency,
-            &exp,
+            exp,
             k.isa().name(),
         );
         row.sim_top1 = sim_top1;
-        log(&format!(
-            "[{}/{total}] {}: top1 {:.2} %, {} bytes, {:.1} s",
-            i + 1,
-            cell.id,
-            row.top1 * 100.0,
-            row.size_bytes,
-            start.elapsed().as_secs_f64()
-        ));
-        let rec = CellRecord {
-            row: row.clone(),
-            latency: cell_latency.clone(),
-        };
-        crate::write_atomic(
-            &record_path,
-            serde_json::to_string_pretty(&rec)
-                .expect("serializable")
-                .as_bytes(),
-        )?;
-        rows.push(row);
-        latency.extend(cell_latency);
+        let mut row = make_row(
+            cell,
+            &qm,
+            &r,
+            size_bytes,
+            &cell_latency,
+            exp,
+            k.isa().name(),
+        );
+        row.sim_top1 = sim_top1;
+        Ok(CellRecord {
+            row,
+            latency: cell_latency,
+        })
     }
-    fill_relative(&mut rows);
-    let meta = serde_json::json!({
-        "experiment": exp.name,
-        "config_file": path.display().to_string(),
-        "config_hash": config_hash,
-        "seed": exp.seed,
-        "host": crate::hostname(),
-        "cpu_model": crate::cpu_model(),
-        "isa": k.isa().name(),
-        "rustc": opts.rustc,
-        "git_sha": opts.git_sha,
-        "cells": rows.len(),
-        "cells_skipped_as_done": skipped,
-        "wall_time_s": wall.elapsed().as_secs_f64(),
-        "eval_images": data.len(),
-        "eval_files": data.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
-        "calibration": { "split": format!("{:?}", exp.calibration.split).to_lowercase(), "samples": calib_data.as_ref().map(|c| c.len()), "percentile": exp.calibration.percentile },
-        "threads": eval_opts.threads,
-        "memory_estimate_bytes": memory_estimate,
-        "memory_limit_bytes": limit,
-        "finished_utc": crate::utc_stamp(),
-    });
-    crate::report::write_report(&dir, &exp, &rows, &latency, &meta)?;
-    Ok(RunSummary { dir, rows, skipped })
+}
+
+/// The held-out images of the search: `samples` images of the calibration split after its
+/// first `skip` (the calibration images).
+fn held_out(mut d: Dataset, skip: usize, samples: usize) -> Result<Dataset, String> {
+    let have = d.len();
+    if have < skip + samples {
+        return Err(format!(
+            "search.samples = {samples}: the calibration split has {have} images, {skip} of which are calibration images; at most {} are left for the search",
+            have.saturating_sub(skip)
+        ));
+    }
+    let per: usize = d.image_shape.iter().product();
+    d.pixels = d.pixels[skip * per..(skip + samples) * per].to_vec();
+    d.labels = d.labels[skip..skip + samples].to_vec();
+    Ok(d)
 }
 
 fn folder_safe(s: &str) -> String {

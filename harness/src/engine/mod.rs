@@ -79,6 +79,22 @@ impl<'g> Engine<'g> {
     /// Runs the graph on `input` (shape checked against the declared input, a symbolic or
     /// batch dimension accepting any size) and returns the graph output.
     pub fn run(&self, input: Tensor, hook: Option<&dyn EdgeHook>) -> Result<Tensor, String> {
+        let mut slots = self.start(input, hook)?;
+        self.run_nodes(&mut slots, 0..self.graph.nodes.len(), hook)?;
+        self.finish(slots)
+    }
+
+    /// The value slots before node 0: only the (checked) input is set. With [`run_nodes`]
+    /// and [`finish`] a caller can keep the state after a prefix of the graph and run only
+    /// the rest, for example once per variant of a later layer's weight.
+    ///
+    /// [`run_nodes`]: Engine::run_nodes
+    /// [`finish`]: Engine::finish
+    pub fn start(
+        &self,
+        input: Tensor,
+        hook: Option<&dyn EdgeHook>,
+    ) -> Result<Vec<Option<Tensor>>, String> {
         let g = self.graph;
         check_input_shape(g, &input.shape)?;
         let mut slots: Vec<Option<Tensor>> = vec![None; g.value_names.len()];
@@ -87,7 +103,20 @@ impl<'g> Engine<'g> {
             h.on_value(g.input, &mut input);
         }
         slots[g.input] = Some(input);
-        for (i, node) in g.nodes.iter().enumerate() {
+        Ok(slots)
+    }
+
+    /// Executes nodes `range` on `slots` (the values live before `range.start`), freeing each
+    /// value after the last node that reads it.
+    pub fn run_nodes(
+        &self,
+        slots: &mut [Option<Tensor>],
+        range: std::ops::Range<usize>,
+        hook: Option<&dyn EdgeHook>,
+    ) -> Result<(), String> {
+        let g = self.graph;
+        for i in range {
+            let node = &g.nodes[i];
             let out = {
                 // Inputs this node reads last (and are not constants) may be consumed in place.
                 let mut owned: Option<Tensor> = None;
@@ -136,6 +165,12 @@ impl<'g> Engine<'g> {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The graph output once every node has run.
+    pub fn finish(&self, mut slots: Vec<Option<Tensor>>) -> Result<Tensor, String> {
+        let g = self.graph;
         slots[g.output]
             .take()
             .or_else(|| g.constants[g.output].clone())
