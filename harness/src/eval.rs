@@ -189,6 +189,12 @@ pub fn evaluate(
         ));
     }
     let logits: Vec<f32> = parts.into_iter().flat_map(|p| p.1).collect();
+    if let Some(i) = logits.iter().position(|v| v.is_nan()) {
+        return Err(format!(
+            "the model produced a NaN logit (image {}); no accuracy is reported for it",
+            i / classes
+        ));
+    }
     let (mut top1, mut top5) = (0usize, 0usize);
     for (row, &label) in logits.chunks_exact(classes).zip(&data.labels) {
         let target = row[label as usize];

@@ -285,6 +285,9 @@ pub struct MethodSpec {
     pub overrides: Vec<LayerOverride>,
     /// hybrid: the row label (default "hybrid").
     pub label: Option<String>,
+    /// Fine-tune (quantization-aware training) on the training split after quantizing; adds
+    /// the fp32 control row fine-tuned with the same budget.
+    pub finetune: Option<crate::train::FinetuneSpec>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, serde::Serialize)]
@@ -514,6 +517,8 @@ pub struct Cell {
     /// hybrid: per-layer overrides (layer selector strings and their scheme).
     pub overrides: Vec<(Vec<String>, WeightScheme)>,
     pub act: ActScheme,
+    /// Fine-tuning after quantization (None: none).
+    pub finetune: Option<crate::train::FinetuneSpec>,
 }
 
 impl Experiment {
@@ -673,6 +678,7 @@ impl Experiment {
                 ("act_bits", spec.act_bits.is_some()),
                 ("calibration", spec.calibration.is_some()),
                 ("kmeans_mode", spec.kmeans_mode.is_some()),
+                ("finetune", spec.finetune.is_some()),
             ] {
                 if present {
                     return Err(format!(
@@ -705,9 +711,29 @@ impl Experiment {
                     bits: None,
                     calibration: None,
                 },
+                finetune: None,
             });
             for (i, spec) in self.methods.iter().enumerate() {
                 let key = format!("methods[{i}] ({})", spec.method.name());
+                if let Some(ft) = &spec.finetune {
+                    // the control: fp32 fine-tuned with the same budget
+                    let id = format!("{}--fp32-{}", model.name, ft.tag());
+                    if !out.iter().any(|c: &Cell| c.id == id) {
+                        out.push(Cell {
+                            id,
+                            model: model.name.clone(),
+                            method: MethodKind::Fp32,
+                            label: "fp32 fine-tuned".into(),
+                            weights: WeightScheme::Fp32,
+                            overrides: vec![],
+                            act: ActScheme {
+                                bits: None,
+                                calibration: None,
+                            },
+                            finetune: Some(ft.clone()),
+                        });
+                    }
+                }
                 for cell in self.expand(spec, &key, &model.name)? {
                     if out.iter().any(|c: &Cell| c.id == cell.id) {
                         continue; // the same cell from two entries runs once
@@ -899,6 +925,24 @@ impl Experiment {
                 "{key}: 'default', 'overrides' and 'label' apply to method hybrid only"
             ));
         }
+        if let Some(ft) = &spec.finetune {
+            ft.validate(key)?;
+            if spec.method == MethodKind::IntegerOnly {
+                return Err(format!(
+                    "{key}: finetune does not apply to integer_only (fine-tune a linear cell instead)"
+                ));
+            }
+            if acts.iter().any(|a| a.is_some()) {
+                return Err(format!(
+                    "{key}: finetune trains weights with fp32 activations; act_bits < 32 with finetune is not supported yet"
+                ));
+            }
+            if self.data.split == crate::data::Split::Train {
+                return Err(format!(
+                    "{key}: finetune trains on the training split, which is the evaluated split here"
+                ));
+            }
+        }
         if spec.method != MethodKind::Kmeans && spec.kmeans_mode.is_some() {
             return Err(format!(
                 "{key}: 'kmeans_mode' applies to method kmeans only"
@@ -922,6 +966,9 @@ impl Experiment {
                     if let Some(b) = a {
                         tag.push_str(&format!("-a{b}{}", c.map_or("", |c| c.name())));
                     }
+                    if let Some(ft) = &spec.finetune {
+                        tag.push_str(&format!("-{}", ft.tag()));
+                    }
                     cells.push(Cell {
                         id: format!("{model}--{tag}"),
                         model: model.to_string(),
@@ -933,6 +980,7 @@ impl Experiment {
                             bits: a,
                             calibration: c,
                         },
+                        finetune: spec.finetune.clone(),
                     });
                 }
             }

@@ -24,6 +24,7 @@ pub mod sys;
 pub use sys::{cpu_model, fnv1a, hostname, utc_stamp, write_atomic};
 pub mod npy;
 pub mod tensor;
+pub mod train;
 
 /// The data root: `$QUANTBENCH_DATA`, else `../shared` (relative to the working directory)
 /// when that folder exists. Laid out as ../shared/README.md describes (`data/`, `models/`,

@@ -827,6 +827,7 @@ pub fn cell(a: &Allocation, schemes: &[WeightScheme]) -> Cell {
             bits: None,
             calibration: None,
         },
+        finetune: None,
     }
 }
 

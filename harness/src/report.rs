@@ -96,6 +96,8 @@ fn frame(rows: &[Row]) -> PolarsResult<DataFrame> {
             col!("eval_s", |r: &Row| r.eval_s),
             col!("images", |r: &Row| r.images as u64),
             col!("isa", |r: &Row| r.isa.clone()),
+            col!("top1_before_finetune", |r: &Row| r.top1_before),
+            col!("train_images_per_s", |r: &Row| r.train_images_per_s),
         ],
     )
 }
@@ -224,6 +226,7 @@ fn summary(
             ));
         }
     }
+    s.push_str(&finetune_summary(rows));
     if let Some(search) = meta["search"].as_object() {
         s.push_str(&search_summary(search, rows));
     }
@@ -238,6 +241,38 @@ fn summary(
         }
     } else if let Some(why) = meta["charts"].as_str() {
         s.push_str(&format!("\nCharts: {why}\n"));
+    }
+    s
+}
+
+/// The fine-tuning section: each fine-tuned cell before and after, against the fp32 control
+/// fine-tuned with the same budget (only that difference is meaningful: the training images
+/// are JPEG-compressed and move the fp32 baseline too).
+fn finetune_summary(rows: &[Row]) -> String {
+    let tuned: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.train_images_per_s.is_some() && r.method != "fp32")
+        .collect();
+    if tuned.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from("\n## Fine-tuning (quantization-aware training)\n\n");
+    s.push_str("| model | cell | top-1 % before | top-1 % after | fp32 control % | after - control pp | train images/s |\n|---|---|---:|---:|---:|---:|---:|\n");
+    for r in tuned {
+        let tag = r.cell.rfind("-ft").map(|i| &r.cell[i + 1..]).unwrap_or("");
+        let control = rows
+            .iter()
+            .find(|c| c.cell == format!("{}--fp32-{tag}", r.model));
+        s.push_str(&format!(
+            "| {} | {} | {} | {:.2} | {} | {} | {:.0} |\n",
+            r.model,
+            r.cell.split("--").nth(1).unwrap_or(&r.cell),
+            opt(r.top1_before.map(|v| v * 100.0), 2),
+            r.top1 * 100.0,
+            control.map_or("-".into(), |c| format!("{:.2}", c.top1 * 100.0)),
+            control.map_or("-".into(), |c| format!("{:+.2}", (r.top1 - c.top1) * 100.0)),
+            r.train_images_per_s.unwrap_or(0.0),
+        ));
     }
     s
 }

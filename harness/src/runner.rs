@@ -47,6 +47,12 @@ pub struct Row {
     pub eval_s: f64,
     pub images: usize,
     pub isa: String,
+    /// Fine-tuned cells: top-1 of the same cell before fine-tuning.
+    #[serde(default)]
+    pub top1_before: Option<f64>,
+    /// Fine-tuned cells: training throughput (images per second, all threads).
+    #[serde(default)]
+    pub train_images_per_s: Option<f64>,
 }
 
 /// Latency of one executable path at one batch size.
@@ -64,6 +70,9 @@ pub struct LatencyRecord {
 struct CellRecord {
     row: Row,
     latency: Vec<LatencyRecord>,
+    /// Fine-tuned cells: the training log.
+    #[serde(default)]
+    train: Option<crate::train::TrainLog>,
 }
 
 pub struct RunOptions {
@@ -237,6 +246,7 @@ pub fn run_experiment(path: &Path, opts: &RunOptions) -> Result<RunSummary, Stri
         ),
     };
     let needs_calib = cells.iter().any(|c| c.act.bits.is_some());
+    let needs_train = cells.iter().any(|c| c.finetune.is_some());
     let mut mem = vec![crate::memory::Part {
         what: "evaluation images".into(),
         bytes: crate::memory::dataset_bytes(
@@ -254,6 +264,17 @@ pub fn run_experiment(path: &Path, opts: &RunOptions) -> Result<RunSummary, Stri
                 exp.data.dataset,
                 exp.calibration.split,
                 Some(exp.calibration.samples),
+            ),
+        });
+    }
+    if needs_train {
+        mem.push(crate::memory::Part {
+            what: "fine-tuning images".into(),
+            bytes: crate::memory::dataset_bytes(
+                &opts.data_root,
+                exp.data.dataset,
+                crate::data::Split::Train,
+                None,
             ),
         });
     }
@@ -291,6 +312,14 @@ pub fn run_experiment(path: &Path, opts: &RunOptions) -> Result<RunSummary, Stri
             .map_err(|e| format!("calibration data: {e}"))?;
         c.truncate(exp.calibration.samples);
         Some(c)
+    } else {
+        None
+    };
+    let train_data = if needs_train {
+        Some(
+            Dataset::load(&opts.data_root, exp.data.dataset, crate::data::Split::Train)
+                .map_err(|e| format!("fine-tuning data: {e}"))?,
+        )
     } else {
         None
     };
@@ -349,6 +378,7 @@ pub fn run_experiment(path: &Path, opts: &RunOptions) -> Result<RunSummary, Stri
         data: &data,
         norm: &norm,
         calib_data: calib_data.as_ref(),
+        train_data: train_data.as_ref(),
         eval_opts: &eval_opts,
     };
     let mut rows: Vec<Row> = Vec::new();
@@ -453,6 +483,7 @@ struct CellContext<'a> {
     data: &'a Dataset,
     norm: &'a Normalization,
     calib_data: Option<&'a Dataset>,
+    train_data: Option<&'a Dataset>,
     eval_opts: &'a EvalOptions,
 }
 
@@ -499,7 +530,64 @@ impl CellContext<'_> {
         let calib_data = self.calib_data;
         let eval_opts = self.eval_opts;
         let graph = &self.graphs[&cell.model];
-        let qm = quantize_model(k, graph, cell).map_err(|e| format!("cell {}: {e}", cell.id))?;
+        let mut qm =
+            quantize_model(k, graph, cell).map_err(|e| format!("cell {}: {e}", cell.id))?;
+        let mut top1_before = None;
+        let mut train_log = None;
+        let trained_graph;
+        let graph = match &cell.finetune {
+            None => graph,
+            Some(ft) => {
+                let train = self
+                    .train_data
+                    .ok_or("the training split is loaded when any cell fine-tunes")?;
+                let quiet = EvalOptions {
+                    progress: false,
+                    ..eval_opts.clone()
+                };
+                if cell.weights != WeightScheme::Fp32 || !cell.overrides.is_empty() {
+                    let before = evaluate(
+                        &Engine::new(&simulated_graph(graph, &qm)?),
+                        data,
+                        norm,
+                        &quiet,
+                        None,
+                    )
+                    .map_err(|e| format!("cell {}: {e}", cell.id))?;
+                    top1_before = Some(before.top1);
+                }
+                let schemes: Vec<WeightScheme> =
+                    qm.weights.iter().map(|(_, qw)| qw.scheme.clone()).collect();
+                let t = crate::train::finetune(&crate::train::FinetuneInput {
+                    k,
+                    graph,
+                    schemes: &schemes,
+                    train,
+                    norm,
+                    spec: ft,
+                    seed: exp.seed,
+                    threads: eval_opts.threads,
+                    progress: eval_opts.progress,
+                    label: &short_label(&cell.id),
+                })
+                .map_err(|e| format!("cell {}: fine-tuning: {e}", cell.id))?;
+                // weight SQNR against the pretrained weights
+                let (mut sig, mut err) = (0f64, 0f64);
+                for (r, qw) in &t.weights {
+                    let w = &graph.constants[r.value].as_ref().expect("constant").data;
+                    for (&a, &b) in w.iter().zip(&qw.dequantized) {
+                        sig += a as f64 * a as f64;
+                        err += (a as f64 - b as f64).powi(2);
+                    }
+                }
+                qm.sqnr_db = (err > 0.0).then(|| 10.0 * (sig / err).log10());
+                qm.seconds += t.log.seconds;
+                qm.weights = t.weights;
+                train_log = Some(t.log);
+                trained_graph = t.graph;
+                &trained_graph
+            }
+        };
         let model_path = dir.join("models").join(format!("{}.safetensors", cell.id));
         let size_bytes = write_safetensors(&model_path, graph, &qm)?;
         let sim = simulated_graph(graph, &qm)?;
@@ -614,9 +702,12 @@ impl CellContext<'_> {
             k.isa().name(),
         );
         row.sim_top1 = sim_top1;
+        row.top1_before = top1_before;
+        row.train_images_per_s = train_log.as_ref().map(|l| l.images_per_second);
         Ok(CellRecord {
             row,
             latency: cell_latency,
+            train: train_log,
         })
     }
 }
@@ -757,6 +848,8 @@ fn make_row(
         eval_s: r.seconds,
         images: r.images,
         isa: isa.to_string(),
+        top1_before: None,
+        train_images_per_s: None,
     }
 }
 

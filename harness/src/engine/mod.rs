@@ -6,9 +6,9 @@
 //! [`Graph::set_constant`] replaces weights, and an [`EdgeHook`] sees (and may change) every
 //! activation as it is produced: fake-quant at edges, calibration statistics.
 
-mod conv_gemm;
+pub(crate) mod conv_gemm;
 pub mod int8;
-mod ops;
+pub(crate) mod ops;
 
 pub use conv_gemm::PackedWeight;
 

@@ -6,7 +6,7 @@ type R<T> = Result<T, String>;
 
 /// Runs one op. `owned` is the first input when this node is its last reader (it may then be
 /// reused in place); otherwise `first` borrows it. `rest` are the other inputs.
-pub(super) fn execute(
+pub(crate) fn execute(
     op: &Op,
     owned: Option<Tensor>,
     first: Option<&Tensor>,
@@ -140,7 +140,12 @@ fn strides_of(shape: &[usize]) -> Vec<usize> {
 }
 
 /// out[i] = src[offset + sum(i_d * strides[d])] over all indices of `shape`.
-fn strided_gather<T: Copy>(src: &[T], offset: isize, shape: &[usize], strides: &[isize]) -> Vec<T> {
+pub(crate) fn strided_gather<T: Copy>(
+    src: &[T],
+    offset: isize,
+    shape: &[usize],
+    strides: &[isize],
+) -> Vec<T> {
     let n: usize = shape.iter().product();
     let mut out = Vec::with_capacity(n);
     if n == 0 {
@@ -432,7 +437,7 @@ fn matmul(a: &Tensor, b: &Tensor) -> R<Tensor> {
 
 // ---------------------------------------------------------------- elementwise
 
-fn broadcast_shape(a: &[usize], b: &[usize]) -> R<Vec<usize>> {
+pub(crate) fn broadcast_shape(a: &[usize], b: &[usize]) -> R<Vec<usize>> {
     let r = a.len().max(b.len());
     let mut out = vec![0; r];
     for i in 0..r {
@@ -456,7 +461,7 @@ fn broadcast_shape(a: &[usize], b: &[usize]) -> R<Vec<usize>> {
     Ok(out)
 }
 
-fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<isize> {
+pub(crate) fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<isize> {
     let s = strides_of(shape);
     let off = out.len() - shape.len();
     (0..out.len())

@@ -1,0 +1,759 @@
+//! Reverse-mode gradients through an imported [`Graph`].
+//!
+//! The forward pass is the inference engine's own operators (`engine::ops::execute`), run
+//! with every value kept. The backward pass walks the nodes in reverse and computes the input
+//! gradients of each node from its inputs, its output and its output gradient. Supported:
+//! Conv (any group, stride, padding and dilation), Gemm, MatMul (2-D), Add, Relu, Pad
+//! (constant), Slice, GlobalAveragePool, MaxPool, Flatten, Reshape and Identity, plus
+//! softmax cross-entropy on the logits. Any other operator is an error naming the node.
+//! BatchNormalization is folded into the preceding Conv at import, so training updates the
+//! folded weights and biases.
+//!
+//! Every backward is checked against central finite differences in the tests below.
+
+use crate::engine::ops::{
+    broadcast_shape, broadcast_strides, execute, pad_nd, slice_nd, strided_gather,
+};
+use crate::engine::EdgeHook;
+use crate::model::{Graph, Op, Tensor, Window};
+
+type R<T> = Result<T, String>;
+
+/// Whether the backward pass supports `op` (checked before training starts).
+pub fn supported(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Conv { .. }
+            | Op::Gemm { .. }
+            | Op::MatMul
+            | Op::Add
+            | Op::Relu
+            | Op::Pad { .. }
+            | Op::Slice { .. }
+            | Op::GlobalAveragePool
+            | Op::MaxPool { .. }
+            | Op::Flatten { .. }
+            | Op::Reshape { .. }
+            | Op::Identity
+    )
+}
+
+/// An error naming the first node training cannot differentiate, if any.
+pub fn check_graph(g: &Graph) -> R<()> {
+    for (i, n) in g.nodes.iter().enumerate() {
+        if !supported(&n.op) {
+            return Err(format!(
+                "node {} ({}): training has no backward pass for this operator (supported: Conv, Gemm, MatMul, Add, Relu, Pad, Slice, GlobalAveragePool, MaxPool, Flatten, Reshape, Identity)",
+                if n.name.is_empty() { format!("#{i}") } else { format!("'{}'", n.name) },
+                n.op.name()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Runs the graph keeping every value (indexed by value id; constants stay `None`). The hook
+/// sees every produced value, as in the engine (fake-quant of activations).
+pub fn forward(g: &Graph, input: Tensor, hook: Option<&dyn EdgeHook>) -> R<Vec<Option<Tensor>>> {
+    let mut vals: Vec<Option<Tensor>> = vec![None; g.value_names.len()];
+    let mut input = input;
+    if let Some(h) = hook {
+        h.on_value(g.input, &mut input);
+    }
+    vals[g.input] = Some(input);
+    for (i, node) in g.nodes.iter().enumerate() {
+        let get = |v: usize| -> R<&Tensor> {
+            g.constants[v]
+                .as_ref()
+                .or(vals[v].as_ref())
+                .ok_or_else(|| format!("value '{}' is not available", g.value_names[v]))
+        };
+        let first = get(node.inputs[0])?;
+        let rest: Vec<&Tensor> = node.inputs[1..].iter().map(|&v| get(v)).collect::<R<_>>()?;
+        let mut out = execute(&node.op, None, Some(first), &rest, None)
+            .map_err(|e| format!("node #{i} ({}): {e}", node.op.name()))?;
+        if let Some(h) = hook {
+            h.on_value(node.output, &mut out);
+        }
+        vals[node.output] = Some(out);
+    }
+    Ok(vals)
+}
+
+/// Mean softmax cross-entropy of `logits` [batch, classes] against `labels`, its gradient
+/// scaled by `1 / denominator` (the whole batch when a batch is split across threads), and
+/// the number of correct top-1 predictions.
+pub fn softmax_cross_entropy(
+    logits: &Tensor,
+    labels: &[u8],
+    denominator: usize,
+) -> R<(f64, Vec<f32>, usize)> {
+    let b = labels.len();
+    if b == 0 || !logits.len().is_multiple_of(b) {
+        return Err(format!("{} logits for {b} labels", logits.len()));
+    }
+    let classes = logits.len() / b;
+    let mut grad = vec![0f32; logits.len()];
+    let (mut loss, mut correct) = (0f64, 0usize);
+    for ((row, g), &y) in logits
+        .data
+        .chunks_exact(classes)
+        .zip(grad.chunks_exact_mut(classes))
+        .zip(labels)
+    {
+        let y = y as usize;
+        if y >= classes {
+            return Err(format!("label {y} but the model has {classes} outputs"));
+        }
+        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
+        loss += sum.ln() - (row[y] - max) as f64;
+        for (j, (gj, &v)) in g.iter_mut().zip(row).enumerate() {
+            let p = ((v - max) as f64).exp() / sum;
+            *gj = ((p - f64::from(u8::from(j == y))) / denominator as f64) as f32;
+        }
+        correct += usize::from(crate::eval::argmax(row) == y);
+    }
+    Ok((loss, grad, correct))
+}
+
+/// Gradients of every value (and of the constants in `trainable`) given the gradient of the
+/// graph output. Returns gradients indexed by value id.
+pub fn backward(
+    g: &Graph,
+    vals: &[Option<Tensor>],
+    d_out: Vec<f32>,
+    trainable: &[bool],
+) -> R<Vec<Option<Vec<f32>>>> {
+    let mut grads: Vec<Option<Vec<f32>>> = vec![None; g.value_names.len()];
+    grads[g.output] = Some(d_out);
+    let value = |v: usize| -> &Tensor {
+        g.constants[v]
+            .as_ref()
+            .or(vals[v].as_ref())
+            .expect("forward produced every value")
+    };
+    for (i, node) in g.nodes.iter().enumerate().rev() {
+        let Some(dy) = grads[node.output].take() else {
+            continue;
+        };
+        let wants: Vec<bool> = node
+            .inputs
+            .iter()
+            .map(|&v| (g.constants[v].is_none() && v != g.input) || trainable[v])
+            .collect();
+        if !wants.iter().any(|&w| w) {
+            continue;
+        }
+        let ins: Vec<&Tensor> = node.inputs.iter().map(|&v| value(v)).collect();
+        let y = value(node.output);
+        let dins = node_backward(&node.op, &ins, y, &dy, &wants)
+            .map_err(|e| format!("node #{i} ({}) backward: {e}", node.op.name()))?;
+        for ((&v, d), &w) in node.inputs.iter().zip(dins).zip(&wants) {
+            let (Some(d), true) = (d, w) else { continue };
+            match &mut grads[v] {
+                Some(acc) => acc.iter_mut().zip(&d).for_each(|(a, b)| *a += b),
+                slot @ None => *slot = Some(d),
+            }
+        }
+    }
+    Ok(grads)
+}
+
+/// Input gradients of one node (`None` where not wanted).
+pub fn node_backward(
+    op: &Op,
+    ins: &[&Tensor],
+    y: &Tensor,
+    dy: &[f32],
+    wants: &[bool],
+) -> R<Vec<Option<Vec<f32>>>> {
+    let x = ins[0];
+    let one = |d: Vec<f32>| -> Vec<Option<Vec<f32>>> {
+        let mut v = vec![None; ins.len()];
+        v[0] = Some(d);
+        v
+    };
+    Ok(match op {
+        Op::Identity | Op::Flatten { .. } | Op::Reshape { .. } => one(dy.to_vec()),
+        Op::Relu => one(y
+            .data
+            .iter()
+            .zip(dy)
+            .map(|(&v, &d)| if v > 0.0 { d } else { 0.0 })
+            .collect()),
+        Op::Add => {
+            let shape = broadcast_shape(&ins[0].shape, &ins[1].shape)?;
+            let reduce = |t: &Tensor| -> Vec<f32> {
+                if t.shape == shape {
+                    return dy.to_vec();
+                }
+                let idx: Vec<u32> = (0..t.len() as u32).collect();
+                let map = strided_gather(&idx, 0, &shape, &broadcast_strides(&t.shape, &shape));
+                let mut d = vec![0f32; t.len()];
+                for (&j, &g) in map.iter().zip(dy) {
+                    d[j as usize] += g;
+                }
+                d
+            };
+            vec![
+                wants[0].then(|| reduce(ins[0])),
+                wants[1].then(|| reduce(ins[1])),
+            ]
+        }
+        Op::Slice {
+            starts,
+            ends,
+            axes,
+            steps,
+        } => {
+            let idx: Vec<u32> = (0..x.len() as u32).collect();
+            let (_, map) = slice_nd(&idx, &x.shape, starts, ends, axes, steps)?;
+            let mut d = vec![0f32; x.len()];
+            for (&j, &g) in map.iter().zip(dy) {
+                d[j as usize] += g;
+            }
+            one(d)
+        }
+        Op::Pad { pads, .. } => {
+            let idx: Vec<u32> = (0..x.len() as u32).collect();
+            let (_, map) = pad_nd(&idx, &x.shape, pads, u32::MAX)?;
+            let mut d = vec![0f32; x.len()];
+            for (&j, &g) in map.iter().zip(dy) {
+                if j != u32::MAX {
+                    d[j as usize] += g;
+                }
+            }
+            one(d)
+        }
+        Op::GlobalAveragePool => {
+            let inner: usize = x.shape[2..].iter().product();
+            let mut d = vec![0f32; x.len()];
+            for (plane, &g) in d.chunks_exact_mut(inner.max(1)).zip(dy) {
+                plane.fill(g / inner as f32);
+            }
+            one(d)
+        }
+        Op::MaxPool { window } => one(max_pool_backward(x, window, dy)?),
+        Op::Conv { window, group } => {
+            let (dx, dw, db) = conv_backward(x, ins[1], window, *group, dy, wants)?;
+            let mut v = vec![dx, dw];
+            if ins.len() > 2 {
+                v.push(db);
+            }
+            v
+        }
+        Op::Gemm {
+            alpha,
+            beta,
+            trans_a,
+            trans_b,
+        } => gemm_backward(ins, *alpha, *beta, *trans_a, *trans_b, y, dy, wants)?,
+        Op::MatMul => {
+            let (a, b) = (ins[0], ins[1]);
+            if a.shape.len() != 2 || b.shape.len() != 2 {
+                return Err(format!(
+                    "MatMul backward supports 2-D operands, got {:?} and {:?}",
+                    a.shape, b.shape
+                ));
+            }
+            let (m, k, n) = (a.shape[0], a.shape[1], b.shape[1]);
+            // dA = dY B^T, dB = A^T dY
+            let da = wants[0].then(|| {
+                let mut d = vec![0f32; m * k];
+                mm(m, k, n, dy, n, 1, &b.data, 1, n, &mut d, false);
+                d
+            });
+            let db = wants[1].then(|| {
+                let mut d = vec![0f32; k * n];
+                mm(k, n, m, &a.data, 1, k, dy, n, 1, &mut d, false);
+                d
+            });
+            vec![da, db]
+        }
+        other => return Err(format!("no backward pass for {}", other.name())),
+    })
+}
+
+/// C[m x n] (row-major, ldc = n) (+)= A[m x k] B[k x n], A and B given by row and column
+/// strides (a transpose is a swap of the two).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    assert!((m - 1) * a_rs + (k - 1) * a_cs < a.len());
+    assert!((k - 1) * b_rs + (n - 1) * b_cs < b.len());
+    assert!(m * n <= c.len());
+    // SAFETY: the asserts bound every index the GEMM reads or writes.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+type Grad3 = (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>);
+
+/// Conv: dX (col2im of W^T dY), dW (dY col^T) and db (sum of dY), per image and group.
+fn conv_backward(
+    x: &Tensor,
+    w: &Tensor,
+    win: &Window,
+    group: usize,
+    dy: &[f32],
+    wants: &[bool],
+) -> R<Grad3> {
+    let [n, c, h, wd] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
+    let [m, cg, kh, kw] = [w.shape[0], w.shape[1], w.shape[2], w.shape[3]];
+    let ([oh, ow], pads) = win.output(h, wd)?;
+    let p = oh * ow;
+    let mg = m / group;
+    let k = cg * kh * kw;
+    let want_x = wants[0];
+    let want_w = wants.get(1).copied().unwrap_or(false);
+    let want_b = wants.get(2).copied().unwrap_or(false);
+    let mut dx = want_x.then(|| vec![0f32; x.len()]);
+    let mut dw = want_w.then(|| vec![0f32; w.len()]);
+    let db = want_b.then(|| {
+        let mut d = vec![0f32; m];
+        for img in 0..n {
+            for (ch, row) in dy[img * m * p..(img + 1) * m * p]
+                .chunks_exact(p)
+                .enumerate()
+            {
+                d[ch] += row.iter().sum::<f32>();
+            }
+        }
+        d
+    });
+    let mut col = Vec::new();
+    let mut dcol = vec![0f32; if want_x { k * p } else { 0 }];
+    for img in 0..n {
+        for g in 0..group {
+            let xg = &x.data[(img * c + g * cg) * h * wd..(img * c + (g + 1) * cg) * h * wd];
+            let dyg = &dy[(img * m + g * mg) * p..(img * m + (g + 1) * mg) * p];
+            let wg = &w.data[g * mg * k..(g + 1) * mg * k];
+            if let Some(dw) = dw.as_mut() {
+                crate::engine::conv_gemm::im2col(xg, h, wd, cg, win, pads, oh, ow, &mut col);
+                // dW_g[mg x k] += dY_g[mg x p] col^T[p x k]
+                mm(
+                    mg,
+                    k,
+                    p,
+                    dyg,
+                    p,
+                    1,
+                    &col,
+                    1,
+                    p,
+                    &mut dw[g * mg * k..(g + 1) * mg * k],
+                    true,
+                );
+            }
+            if let Some(dx) = dx.as_mut() {
+                // dcol[k x p] = W_g^T[k x mg] dY_g[mg x p]
+                mm(k, p, mg, wg, 1, k, dyg, p, 1, &mut dcol, false);
+                let dxg = &mut dx[(img * c + g * cg) * h * wd..(img * c + (g + 1) * cg) * h * wd];
+                col2im(&dcol, h, wd, cg, win, pads, oh, ow, dxg);
+            }
+        }
+    }
+    Ok((dx, dw, db))
+}
+
+/// The adjoint of im2col: adds every column entry back to the input pixel it was read from.
+#[allow(clippy::too_many_arguments)]
+fn col2im(
+    dcol: &[f32],
+    h: usize,
+    w: usize,
+    cg: usize,
+    win: &Window,
+    pads: [usize; 4],
+    oh: usize,
+    ow: usize,
+    dx: &mut [f32],
+) {
+    let [kh, kw] = win.kernel;
+    let [sh, sw] = win.strides;
+    let [dh, dw] = win.dilations;
+    let p = oh * ow;
+    let mut k = 0;
+    for ci in 0..cg {
+        let plane = &mut dx[ci * h * w..(ci + 1) * h * w];
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let row = &dcol[k * p..(k + 1) * p];
+                for oy in 0..oh {
+                    let iy = (oy * sh + ky * dh) as isize - pads[0] as isize;
+                    if iy < 0 || iy >= h as isize {
+                        continue;
+                    }
+                    let line = &mut plane[iy as usize * w..(iy as usize + 1) * w];
+                    let src = &row[oy * ow..(oy + 1) * ow];
+                    // the outputs whose input column ix = ox*sw + kx*dw - pad is inside
+                    let off = (kx * dw) as isize - pads[1] as isize;
+                    let lo = if off >= 0 { 0 } else { ((-off) as usize).div_ceil(sw) };
+                    let hi = if (w as isize) <= off {
+                        0
+                    } else {
+                        ((w as isize - off) as usize).div_ceil(sw).min(ow)
+                    };
+                    if lo >= hi {
+                        continue;
+                    }
+                    let ix0 = (lo * sw) as isize + off;
+                    if sw == 1 {
+                        let dst = &mut line[ix0 as usize..ix0 as usize + (hi - lo)];
+                        dst.iter_mut().zip(&src[lo..hi]).for_each(|(d, &v)| *d += v);
+                    } else {
+                        for (j, &v) in src[lo..hi].iter().enumerate() {
+                            line[ix0 as usize + j * sw] += v;
+                        }
+                    }
+                }
+                k += 1;
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_backward(
+    ins: &[&Tensor],
+    alpha: f32,
+    beta: f32,
+    trans_a: bool,
+    trans_b: bool,
+    y: &Tensor,
+    dy: &[f32],
+    wants: &[bool],
+) -> R<Vec<Option<Vec<f32>>>> {
+    let (a, b) = (ins[0], ins[1]);
+    if a.shape.len() != 2 || b.shape.len() != 2 {
+        return Err("Gemm operands must be 2-D".into());
+    }
+    let (m, n) = (y.shape[0], y.shape[1]);
+    let k = if trans_a { a.shape[0] } else { a.shape[1] };
+    // op(A)[i][l] = A[i*a_rs + l*a_cs]
+    let (a_rs, a_cs) = if trans_a { (1, m) } else { (k, 1) };
+    let (b_rs, b_cs) = if trans_b { (1, k) } else { (n, 1) };
+    let scaled: Vec<f32> = dy.iter().map(|&v| v * alpha).collect();
+    let da = wants[0].then(|| {
+        // d op(A)[m x k] = alpha dY[m x n] op(B)^T; op(B)^T[j][l] = op(B)[l][j]
+        let mut d = vec![0f32; m * k];
+        mm(m, k, n, &scaled, n, 1, &b.data, b_cs, b_rs, &mut d, false);
+        if trans_a {
+            transpose2(&d, m, k)
+        } else {
+            d
+        }
+    });
+    let db = wants[1].then(|| {
+        // d op(B)[k x n] = alpha op(A)^T dY
+        let mut d = vec![0f32; k * n];
+        mm(k, n, m, &a.data, a_cs, a_rs, &scaled, n, 1, &mut d, false);
+        if trans_b {
+            transpose2(&d, k, n)
+        } else {
+            d
+        }
+    });
+    let mut out = vec![da, db];
+    if let Some(c) = ins.get(2) {
+        let dc = wants[2].then(|| {
+            let idx: Vec<u32> = (0..c.len() as u32).collect();
+            let map = strided_gather(&idx, 0, &[m, n], &broadcast_strides(&c.shape, &[m, n]));
+            let mut d = vec![0f32; c.len()];
+            for (&j, &g) in map.iter().zip(dy) {
+                d[j as usize] += beta * g;
+            }
+            d
+        });
+        out.push(dc);
+    }
+    Ok(out)
+}
+
+fn transpose2(d: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; d.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = d[r * cols + c];
+        }
+    }
+    t
+}
+
+/// MaxPool: each output's gradient goes to the first input position holding the maximum.
+fn max_pool_backward(x: &Tensor, win: &Window, dy: &[f32]) -> R<Vec<f32>> {
+    let [_, _, h, w] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
+    let ([oh, ow], pads) = win.output(h, w)?;
+    let [kh, kw] = win.kernel;
+    let [sh, sw] = win.strides;
+    let [dh, dw] = win.dilations;
+    let mut dx = vec![0f32; x.len()];
+    for ((plane, dplane), dyp) in x
+        .data
+        .chunks_exact(h * w)
+        .zip(dx.chunks_exact_mut(h * w))
+        .zip(dy.chunks_exact(oh * ow))
+    {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let mut best: Option<(f32, usize)> = None;
+                for ki in 0..kh {
+                    let iy = (oy * sh + ki * dh) as isize - pads[0] as isize;
+                    for kj in 0..kw {
+                        let ix = (ox * sw + kj * dw) as isize - pads[1] as isize;
+                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                            continue;
+                        }
+                        let at = iy as usize * w + ix as usize;
+                        if best.is_none_or(|(v, _)| plane[at] > v) {
+                            best = Some((plane[at], at));
+                        }
+                    }
+                }
+                if let Some((_, at)) = best {
+                    dplane[at] += dyp[oy * ow + ox];
+                }
+            }
+        }
+    }
+    Ok(dx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::AutoPad;
+
+    struct Rng(u64);
+    impl Rng {
+        fn f(&mut self) -> f32 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+        fn tensor(&mut self, shape: &[usize]) -> Tensor {
+            let n = shape.iter().product();
+            Tensor::new(shape.to_vec(), (0..n).map(|_| self.f()).collect())
+        }
+    }
+
+    /// Compares `node_backward` with central differences of L = sum(y * r) for every input
+    /// element (inputs are small), in f64 where it matters.
+    fn check(op: Op, ins: Vec<Tensor>, seed: u64) {
+        let mut rng = Rng(seed);
+        let refs: Vec<&Tensor> = ins.iter().collect();
+        let y = execute(&op, None, Some(refs[0]), &refs[1..], None).unwrap();
+        let r: Vec<f32> = (0..y.len()).map(|_| rng.f()).collect();
+        let wants = vec![true; ins.len()];
+        let grads = node_backward(&op, &refs, &y, &r, &wants).unwrap();
+        let loss = |ins: &[Tensor]| -> f64 {
+            let refs: Vec<&Tensor> = ins.iter().collect();
+            let y = execute(&op, None, Some(refs[0]), &refs[1..], None).unwrap();
+            y.data
+                .iter()
+                .zip(&r)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum()
+        };
+        let eps = 1e-2f32;
+        for (t, g) in grads.iter().enumerate() {
+            let g = g
+                .as_ref()
+                .unwrap_or_else(|| panic!("{op:?}: no gradient for input {t}"));
+            assert_eq!(g.len(), ins[t].len());
+            for (i, &ana) in g.iter().enumerate() {
+                let mut plus = ins.clone();
+                plus[t].data[i] += eps;
+                let mut minus = ins.clone();
+                minus[t].data[i] -= eps;
+                let num = (loss(&plus) - loss(&minus)) / (2.0 * eps as f64);
+                let ana = ana as f64;
+                assert!(
+                    (num - ana).abs() <= 2e-3 + 1e-2 * num.abs().max(ana.abs()),
+                    "{} input {t}[{i}]: analytic {ana}, numeric {num}",
+                    op.name()
+                );
+            }
+        }
+    }
+
+    fn window(k: usize, s: usize, d: usize, p: usize) -> Window {
+        Window {
+            kernel: [k, k],
+            strides: [s, s],
+            dilations: [d, d],
+            pads: [p; 4],
+            auto_pad: AutoPad::NotSet,
+            ceil_mode: false,
+        }
+    }
+
+    #[test]
+    fn conv_gradients_match_finite_differences() {
+        let mut rng = Rng(1);
+        for (k, s, d, p, group, c, m) in [
+            (3, 1, 1, 1, 1, 3, 4),
+            (3, 2, 1, 1, 1, 2, 3),
+            (1, 1, 1, 0, 1, 4, 2),
+            (3, 1, 2, 2, 2, 4, 4),
+        ] {
+            let x = rng.tensor(&[2, c, 6, 5]);
+            let w = rng.tensor(&[m, c / group, k, k]);
+            let b = rng.tensor(&[m]);
+            check(
+                Op::Conv {
+                    window: window(k, s, d, p),
+                    group,
+                },
+                vec![x, w, b],
+                7,
+            );
+        }
+    }
+
+    #[test]
+    fn dense_gradients_match_finite_differences() {
+        let mut rng = Rng(2);
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            let a = rng.tensor(if ta { &[4, 3] } else { &[3, 4] });
+            let b = rng.tensor(if tb { &[5, 4] } else { &[4, 5] });
+            let c = rng.tensor(&[5]);
+            let op = Op::Gemm {
+                alpha: 0.7,
+                beta: 1.3,
+                trans_a: ta,
+                trans_b: tb,
+            };
+            check(op, vec![a, b, c], 3);
+        }
+        check(
+            Op::MatMul,
+            vec![rng.tensor(&[3, 4]), rng.tensor(&[4, 2])],
+            4,
+        );
+        check(
+            Op::Add,
+            vec![rng.tensor(&[2, 3, 4]), rng.tensor(&[3, 1])],
+            5,
+        );
+        check(Op::Add, vec![rng.tensor(&[2, 3]), rng.tensor(&[2, 3])], 6);
+    }
+
+    #[test]
+    fn shape_and_pool_gradients_match_finite_differences() {
+        let mut rng = Rng(3);
+        // keep values away from 0 so that Relu's kink is not straddled by the differences
+        let mut x = rng.tensor(&[2, 3, 4, 4]);
+        x.data.iter_mut().for_each(|v| *v += v.signum() * 0.05);
+        check(Op::Relu, vec![x.clone()], 1);
+        check(Op::GlobalAveragePool, vec![x.clone()], 2);
+        check(
+            Op::Slice {
+                starts: vec![0, 1],
+                ends: vec![i64::MAX, 4],
+                axes: vec![2, 3],
+                steps: vec![2, 2],
+            },
+            vec![x.clone()],
+            3,
+        );
+        check(
+            Op::Pad {
+                pads: vec![0, 2, 1, 0, 0, 1, 0, 2],
+                value: 0.0,
+            },
+            vec![x.clone()],
+            4,
+        );
+        check(Op::Flatten { axis: 1 }, vec![x.clone()], 5);
+        check(
+            Op::Reshape {
+                shape: vec![2, -1],
+                allow_zero: false,
+            },
+            vec![x.clone()],
+            6,
+        );
+        // distinct values so that the maximum of every window is unique
+        let mut y = x.clone();
+        for (i, v) in y.data.iter_mut().enumerate() {
+            *v = (i as f32 * 0.37).sin() + i as f32 * 1e-3;
+        }
+        check(
+            Op::MaxPool {
+                window: window(2, 2, 1, 0),
+            },
+            vec![y.clone()],
+            7,
+        );
+        check(
+            Op::MaxPool {
+                window: window(3, 1, 1, 1),
+            },
+            vec![y],
+            8,
+        );
+    }
+
+    #[test]
+    fn cross_entropy_gradient_matches_finite_differences() {
+        let mut rng = Rng(4);
+        let logits = rng.tensor(&[3, 5]);
+        let labels = [1u8, 4, 0];
+        let (_, g, _) = softmax_cross_entropy(&logits, &labels, 3).unwrap();
+        let eps = 1e-2f32;
+        for (i, &gi) in g.iter().enumerate() {
+            let mut p = logits.clone();
+            p.data[i] += eps;
+            let mut m = logits.clone();
+            m.data[i] -= eps;
+            let lp = softmax_cross_entropy(&p, &labels, 3).unwrap().0 / 3.0;
+            let lm = softmax_cross_entropy(&m, &labels, 3).unwrap().0 / 3.0;
+            let num = (lp - lm) / (2.0 * eps as f64);
+            assert!((num - gi as f64).abs() < 1e-3, "{i}: {num} vs {gi}");
+        }
+    }
+}
