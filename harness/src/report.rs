@@ -519,23 +519,12 @@ where
     DB::ErrorType: 'static,
 {
     let kib: Vec<f64> = rows.iter().map(|r| r.size_bytes as f64 / 1024.0).collect();
-    let lo = kib.iter().cloned().fold(f64::INFINITY, f64::min).max(0.01) * 0.8;
-    let hi = kib.iter().cloned().fold(0.0, f64::max) * 1.25;
-    let ymin = rows.iter().map(|r| r.top1 * 100.0).fold(100.0, f64::min);
-    let mut chart = ChartBuilder::on(root)
-        .caption(
-            "Top-1 accuracy vs model file size (Pareto front in black)",
-            ("sans-serif", 22),
-        )
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(55)
-        .build_cartesian_2d((lo..hi).log_scale(), ((ymin - 5.0).max(0.0))..100f64)?;
-    chart
-        .configure_mesh()
-        .x_desc("safetensors file size, KiB (log)")
-        .y_desc("top-1 %")
-        .draw()?;
+    let all: Vec<&Row> = rows.iter().collect();
+    let mut chart = size_axes(
+        root,
+        &all,
+        "Top-1 accuracy vs model file size (Pareto front in black)",
+    )?;
     let mut methods: Vec<&str> = rows.iter().map(|r| r.method.as_str()).collect();
     methods.sort();
     methods.dedup();
@@ -575,6 +564,47 @@ where
     Ok(())
 }
 
+/// Log-scale file size (KiB) against top-1 (%), spanning `rows`.
+fn size_axes<'a, DB: DrawingBackend>(
+    root: &'a DrawingArea<DB, plotters::coord::Shift>,
+    rows: &[&Row],
+    caption: &str,
+) -> Result<SizeChart<'a, DB>, DynErr>
+where
+    DB::ErrorType: 'static,
+{
+    let kib = |r: &Row| r.size_bytes as f64 / 1024.0;
+    let lo = rows
+        .iter()
+        .map(|r| kib(r))
+        .fold(f64::INFINITY, f64::min)
+        .max(0.01)
+        * 0.8;
+    let hi = rows.iter().map(|r| kib(r)).fold(0.0, f64::max) * 1.25;
+    let ymin = rows.iter().map(|r| r.top1 * 100.0).fold(100.0, f64::min);
+    let mut chart = ChartBuilder::on(root)
+        .caption(caption, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(55)
+        .build_cartesian_2d((lo..hi).log_scale(), ((ymin - 5.0).max(0.0))..100f64)?;
+    chart
+        .configure_mesh()
+        .x_desc("safetensors file size, KiB (log)")
+        .y_desc("top-1 %")
+        .draw()?;
+    Ok(chart)
+}
+
+type SizeChart<'a, DB> = ChartContext<
+    'a,
+    DB,
+    Cartesian2d<
+        plotters::coord::combinators::LogCoord<f64>,
+        plotters::coord::types::RangedCoordf64,
+    >,
+>;
+
 /// A row the mixed-precision search produced.
 fn is_mixed(r: &Row) -> bool {
     r.method == "hybrid" && r.label.starts_with("mixed ")
@@ -597,28 +627,11 @@ where
     let mixed: Vec<Row> = rows.iter().filter(|r| is_mixed(r)).cloned().collect();
     let shown: Vec<&Row> = uniform.iter().chain(&mixed).collect();
     let kib = |r: &Row| r.size_bytes as f64 / 1024.0;
-    let lo = shown
-        .iter()
-        .map(|r| kib(r))
-        .fold(f64::INFINITY, f64::min)
-        .max(0.01)
-        * 0.8;
-    let hi = shown.iter().map(|r| kib(r)).fold(0.0, f64::max) * 1.25;
-    let ymin = shown.iter().map(|r| r.top1 * 100.0).fold(100.0, f64::min);
-    let mut chart = ChartBuilder::on(root)
-        .caption(
-            "Mixed precision (search) vs uniform quantization: Pareto fronts",
-            ("sans-serif", 22),
-        )
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(55)
-        .build_cartesian_2d((lo..hi).log_scale(), ((ymin - 5.0).max(0.0))..100f64)?;
-    chart
-        .configure_mesh()
-        .x_desc("safetensors file size, KiB (log)")
-        .y_desc("top-1 %")
-        .draw()?;
+    let mut chart = size_axes(
+        root,
+        &shown,
+        "Mixed precision (search) vs uniform quantization: Pareto fronts",
+    )?;
     let mut models: Vec<&str> = mixed.iter().map(|r| r.model.as_str()).collect();
     models.sort();
     models.dedup();

@@ -692,16 +692,6 @@ impl CellContext<'_> {
             k.isa().name(),
         );
         row.sim_top1 = sim_top1;
-        let mut row = make_row(
-            cell,
-            &qm,
-            &r,
-            size_bytes,
-            &cell_latency,
-            exp,
-            k.isa().name(),
-        );
-        row.sim_top1 = sim_top1;
         row.top1_before = top1_before;
         row.train_images_per_s = train_log.as_ref().map(|l| l.images_per_second);
         Ok(CellRecord {

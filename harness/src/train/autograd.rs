@@ -430,7 +430,11 @@ fn col2im(
                     let src = &row[oy * ow..(oy + 1) * ow];
                     // the outputs whose input column ix = ox*sw + kx*dw - pad is inside
                     let off = (kx * dw) as isize - pads[1] as isize;
-                    let lo = if off >= 0 { 0 } else { ((-off) as usize).div_ceil(sw) };
+                    let lo = if off >= 0 {
+                        0
+                    } else {
+                        ((-off) as usize).div_ceil(sw)
+                    };
                     let hi = if (w as isize) <= off {
                         0
                     } else {
