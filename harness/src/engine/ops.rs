@@ -192,7 +192,7 @@ pub(crate) fn strided_gather<T: Copy>(
 /// C[m x n] (row stride `ldc`) = bias_init + A[m x k] * B[k x n], all row-major with the given
 /// row strides. `accumulate`: C already holds the initial values.
 #[allow(clippy::too_many_arguments)]
-fn sgemm(
+pub(crate) fn sgemm(
     m: usize,
     n: usize,
     k: usize,

@@ -276,7 +276,7 @@ pub fn node_backward(
 }
 
 /// C[m x n] (row-major, ldc = n) (+)= A[m x k] B[k x n], A and B given by row and column
-/// strides (a transpose is a swap of the two).
+/// strides (a transpose is a swap of the two): the engine's GEMM, with its bounds asserted.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn mm(
     m: usize,
@@ -303,30 +303,7 @@ pub(crate) fn mm(
     assert!((m - 1) * a_rs + (k - 1) * a_cs < a.len());
     assert!((k - 1) * b_rs + (n - 1) * b_cs < b.len());
     assert!(m * n <= c.len());
-    // SAFETY: the asserts bound every index the GEMM reads or writes.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    crate::engine::ops::sgemm(m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, c, n, accumulate, 1.0);
 }
 
 type Grad3 = (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>);
