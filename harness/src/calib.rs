@@ -13,19 +13,30 @@ use quantbench_kernels::{Kernels, LinearScheme, QuantParams};
 use crate::data::{Dataset, Normalization};
 use crate::engine::{EdgeHook, Engine};
 use crate::eval::EvalOptions;
-use crate::experiment::CalibMethod;
+use crate::experiment::{ActEdges, CalibMethod};
 use crate::model::{Graph, Tensor};
 
 const BINS: usize = 2048;
 
 /// The edges whose activations are quantized: the graph input and every node output except
 /// the graph output (the logits stay in fp32, as in integer pipelines that dequantize the
-/// last layer).
-pub fn quantized_edges(g: &Graph) -> Vec<bool> {
+/// last layer). With [`ActEdges::Fused`], an edge whose only consumers are Relu nodes stays
+/// in fp32 too: an integer pipeline computes the Relu inside the Conv or Add before it.
+pub fn quantized_edges(g: &Graph, which: ActEdges) -> Vec<bool> {
     let mut e = vec![false; g.value_names.len()];
     e[g.input] = true;
     for n in &g.nodes {
         e[n.output] = true;
+    }
+    if which == ActEdges::Fused {
+        for n in &g.nodes {
+            let mut consumers = g.nodes.iter().filter(|m| m.inputs.contains(&n.output));
+            let only_relu = consumers.clone().next().is_some()
+                && consumers.all(|m| matches!(m.op, crate::model::Op::Relu));
+            if only_relu {
+                e[n.output] = false;
+            }
+        }
     }
     e[g.output] = false;
     e
@@ -87,6 +98,7 @@ pub struct CalibRequest {
     pub method: CalibMethod,
     /// For [`CalibMethod::Percentile`].
     pub percentile: f64,
+    pub edges: ActEdges,
 }
 
 /// Calibrates activation ranges of `graph` on `data` (already truncated to the calibration
@@ -104,8 +116,9 @@ pub fn calibrate(
         bits,
         method,
         percentile,
+        edges,
     } = req;
-    let edges = quantized_edges(graph);
+    let edges = quantized_edges(graph, edges);
     let engine = Engine::new(graph);
     let quiet = EvalOptions {
         progress: false,

@@ -136,6 +136,15 @@ fn default_batch() -> usize {
     64
 }
 
+/// Which activation edges are quantized (see `MethodSpec::act_edges`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActEdges {
+    #[default]
+    All,
+    Fused,
+}
+
 /// How activation ranges are chosen from calibration data.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -276,6 +285,10 @@ pub struct MethodSpec {
     pub act_bits: Option<OneOrMany<u32>>,
     /// Overrides `[calibration] method` for this entry (a list compares methods).
     pub calibration: Option<OneOrMany<CalibMethod>>,
+    /// Which activation edges `act_bits` quantizes: `all` (every node output but the logits,
+    /// and the input; the default) or `fused` (as an integer pipeline that fuses a Relu into
+    /// the Conv or Add before it: an edge whose only consumers are Relu nodes stays in fp32).
+    pub act_edges: Option<ActEdges>,
     /// kmeans: `exact` (optimal 1-D clustering, default) or `fast` (histogram + DP + Lloyd).
     pub kmeans_mode: Option<KMeansMode>,
     /// hybrid: the rule for every weight layer no override matches.
@@ -502,6 +515,8 @@ pub struct ActScheme {
     /// `None`: fp32 activations.
     pub bits: Option<u32>,
     pub calibration: Option<CalibMethod>,
+    #[serde(default)]
+    pub edges: ActEdges,
 }
 
 /// One grid cell: a model, a weight treatment (possibly per layer) and an activation treatment.
@@ -677,6 +692,7 @@ impl Experiment {
             for (what, present) in [
                 ("act_bits", spec.act_bits.is_some()),
                 ("calibration", spec.calibration.is_some()),
+                ("act_edges", spec.act_edges.is_some()),
                 ("kmeans_mode", spec.kmeans_mode.is_some()),
                 ("finetune", spec.finetune.is_some()),
             ] {
@@ -710,13 +726,16 @@ impl Experiment {
                 act: ActScheme {
                     bits: None,
                     calibration: None,
+                    edges: ActEdges::All,
                 },
                 finetune: None,
             });
             for (i, spec) in self.methods.iter().enumerate() {
                 let key = format!("methods[{i}] ({})", spec.method.name());
                 if let Some(ft) = &spec.finetune {
-                    // the control: fp32 fine-tuned with the same budget
+                    // the control: fp32 fine-tuned with the same budget (the options of
+                    // quantized training do not apply to it)
+                    let ft = ft.control();
                     let id = format!("{}--fp32-{}", model.name, ft.tag());
                     if !out.iter().any(|c: &Cell| c.id == id) {
                         out.push(Cell {
@@ -729,8 +748,9 @@ impl Experiment {
                             act: ActScheme {
                                 bits: None,
                                 calibration: None,
+                                edges: ActEdges::All,
                             },
-                            finetune: Some(ft.clone()),
+                            finetune: Some(ft),
                         });
                     }
                 }
@@ -773,6 +793,17 @@ impl Experiment {
             .calibration
             .as_ref()
             .map_or(vec![self.calibration.method], |c| c.to_vec());
+        let edges = spec.act_edges.unwrap_or_default();
+        if spec.act_edges.is_some() && !acts.iter().any(|a| a.is_some()) {
+            return Err(format!(
+                "{key}: 'act_edges' applies to quantized activations; set act_bits < 32"
+            ));
+        }
+        if spec.method == MethodKind::IntegerOnly && spec.act_edges.is_some() {
+            return Err(format!(
+                "{key}: 'act_edges' does not apply to integer_only (it quantizes what its int8 layers produce)"
+            ));
+        }
         let reject = |what: &str, present: bool| -> Result<(), String> {
             if present {
                 Err(format!(
@@ -932,9 +963,14 @@ impl Experiment {
                     "{key}: finetune does not apply to integer_only (fine-tune a linear cell instead)"
                 ));
             }
-            if acts.iter().any(|a| a.is_some()) {
+            if ft.learn_scale && !acts.iter().any(|a| a.is_some()) {
                 return Err(format!(
-                    "{key}: finetune trains weights with fp32 activations; act_bits < 32 with finetune is not supported yet"
+                    "{key}: finetune.learn_scale learns activation step sizes; it needs act_bits < 32"
+                ));
+            }
+            if ft.reassign && spec.method != MethodKind::Kmeans {
+                return Err(format!(
+                    "{key}: finetune.reassign re-assigns k-means indices; it applies to method kmeans only"
                 ));
             }
             if self.data.split == crate::data::Split::Train {
@@ -965,6 +1001,9 @@ impl Experiment {
                     };
                     if let Some(b) = a {
                         tag.push_str(&format!("-a{b}{}", c.map_or("", |c| c.name())));
+                        if edges == ActEdges::Fused {
+                            tag.push_str("-fused");
+                        }
                     }
                     if let Some(ft) = &spec.finetune {
                         tag.push_str(&format!("-{}", ft.tag()));
@@ -979,6 +1018,7 @@ impl Experiment {
                         act: ActScheme {
                             bits: a,
                             calibration: c,
+                            edges: if a.is_some() { edges } else { ActEdges::All },
                         },
                         finetune: spec.finetune.clone(),
                     });

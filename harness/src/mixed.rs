@@ -826,6 +826,7 @@ pub fn cell(a: &Allocation, schemes: &[WeightScheme]) -> Cell {
         act: crate::experiment::ActScheme {
             bits: None,
             calibration: None,
+            edges: crate::experiment::ActEdges::All,
         },
         finetune: None,
     }

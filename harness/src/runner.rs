@@ -17,6 +17,10 @@ use crate::experiment::{CalibMethod, Cell, Experiment, MethodKind, WeightScheme}
 use crate::model::{Graph, Tensor};
 use crate::quant::{quantize_model, simulated_graph, write_safetensors, QuantizedModel};
 
+/// Calibrated activation parameters are shared by the cells of a model with the same bits,
+/// method and edges.
+type CalibKey = (String, u32, CalibMethod, crate::experiment::ActEdges);
+
 /// One tidy result record.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Row {
@@ -383,7 +387,7 @@ pub fn run_experiment(path: &Path, opts: &RunOptions) -> Result<RunSummary, Stri
     };
     let mut rows: Vec<Row> = Vec::new();
     let mut latency: Vec<LatencyRecord> = Vec::new();
-    let mut calib_cache: HashMap<(String, u32, CalibMethod), ActParams> = HashMap::new();
+    let mut calib_cache: HashMap<CalibKey, ActParams> = HashMap::new();
     let mut skipped = 0;
     let total = cells.len();
     for (i, cell) in cells.iter().enumerate() {
@@ -493,7 +497,7 @@ impl CellContext<'_> {
     fn run_or_resume(
         &self,
         cell: &Cell,
-        calib_cache: &mut HashMap<(String, u32, CalibMethod), ActParams>,
+        calib_cache: &mut HashMap<CalibKey, ActParams>,
         progress: &str,
     ) -> Result<(CellRecord, bool), String> {
         let record_path = self.dir.join("cells").join(format!("{}.json", cell.id));
@@ -524,7 +528,7 @@ impl CellContext<'_> {
     fn run_cell(
         &self,
         cell: &Cell,
-        calib_cache: &mut HashMap<(String, u32, CalibMethod), ActParams>,
+        calib_cache: &mut HashMap<CalibKey, ActParams>,
     ) -> Result<CellRecord, String> {
         let (exp, k, dir, data, norm) = (self.exp, self.k, self.dir, self.data, self.norm);
         let calib_data = self.calib_data;
@@ -535,6 +539,32 @@ impl CellContext<'_> {
         let mut top1_before = None;
         let mut train_log = None;
         let trained_graph;
+        // Calibrated activation parameters (of the pretrained graph, cached per model, bits
+        // and method); quantization-aware training starts from them and learns its own.
+        if let (Some(bits), Some(method)) = (cell.act.bits, cell.act.calibration) {
+            let key = (cell.model.clone(), bits, method, cell.act.edges);
+            if !calib_cache.contains_key(&key) {
+                let cd = calib_data
+                    .as_ref()
+                    .expect("loaded when any cell quantizes activations");
+                let req = CalibRequest {
+                    bits,
+                    method,
+                    percentile: exp.calibration.percentile,
+                    edges: cell.act.edges,
+                };
+                let p = calibrate(k, graph, cd, norm, eval_opts, req)
+                    .map_err(|e| format!("cell {}: calibration: {e}", cell.id))?;
+                calib_cache.insert(key.clone(), p);
+            }
+        }
+        let calibrated = match (cell.act.bits, cell.act.calibration) {
+            (Some(bits), Some(method)) => {
+                Some(&calib_cache[&(cell.model.clone(), bits, method, cell.act.edges)])
+            }
+            _ => None,
+        };
+        let mut trained_act = None;
         let graph = match &cell.finetune {
             None => graph,
             Some(ft) => {
@@ -545,13 +575,17 @@ impl CellContext<'_> {
                     progress: false,
                     ..eval_opts.clone()
                 };
-                if cell.weights != WeightScheme::Fp32 || !cell.overrides.is_empty() {
+                if cell.weights != WeightScheme::Fp32
+                    || !cell.overrides.is_empty()
+                    || calibrated.is_some()
+                {
+                    let hook = calibrated.map(|p| FakeQuantHook { k, params: p });
                     let before = evaluate(
                         &Engine::new(&simulated_graph(graph, &qm)?),
                         data,
                         norm,
                         &quiet,
-                        None,
+                        hook.as_ref().map(|h| h as &dyn crate::engine::EdgeHook),
                     )
                     .map_err(|e| format!("cell {}: {e}", cell.id))?;
                     top1_before = Some(before.top1);
@@ -565,6 +599,7 @@ impl CellContext<'_> {
                     train,
                     norm,
                     spec: ft,
+                    act: calibrated,
                     seed: exp.seed,
                     threads: eval_opts.threads,
                     progress: eval_opts.progress,
@@ -584,6 +619,7 @@ impl CellContext<'_> {
                 qm.seconds += t.log.seconds;
                 qm.weights = t.weights;
                 train_log = Some(t.log);
+                trained_act = t.act;
                 trained_graph = t.graph;
                 &trained_graph
             }
@@ -591,26 +627,7 @@ impl CellContext<'_> {
         let model_path = dir.join("models").join(format!("{}.safetensors", cell.id));
         let size_bytes = write_safetensors(&model_path, graph, &qm)?;
         let sim = simulated_graph(graph, &qm)?;
-        let act = match (cell.act.bits, cell.act.calibration) {
-            (Some(bits), Some(method)) => {
-                let key = (cell.model.clone(), bits, method);
-                if !calib_cache.contains_key(&key) {
-                    let cd = calib_data
-                        .as_ref()
-                        .expect("loaded when any cell quantizes activations");
-                    let req = CalibRequest {
-                        bits,
-                        method,
-                        percentile: exp.calibration.percentile,
-                    };
-                    let p = calibrate(k, graph, cd, norm, eval_opts, req)
-                        .map_err(|e| format!("cell {}: calibration: {e}", cell.id))?;
-                    calib_cache.insert(key.clone(), p);
-                }
-                Some(&calib_cache[&key])
-            }
-            _ => None,
-        };
+        let act = trained_act.as_ref().or(calibrated);
         let opts_cell = EvalOptions {
             label: short_label(&cell.id),
             ..eval_opts.clone()
@@ -622,6 +639,7 @@ impl CellContext<'_> {
                 bits: 8,
                 method: cell.act.calibration.unwrap_or(CalibMethod::Minmax),
                 percentile: exp.calibration.percentile,
+                edges: crate::experiment::ActEdges::All,
             };
             let cd = calib_data
                 .as_ref()
@@ -817,10 +835,13 @@ fn make_row(
         act_bits: cell.act.bits.unwrap_or(32),
         granularity,
         symmetric,
-        calibration: cell
-            .act
-            .calibration
-            .map_or("-".into(), |c| c.name().to_string()),
+        calibration: cell.act.calibration.map_or("-".into(), |c| {
+            if cell.act.edges == crate::experiment::ActEdges::Fused {
+                format!("{} (fused)", c.name())
+            } else {
+                c.name().to_string()
+            }
+        }),
         top1: r.top1,
         sim_top1: None,
         top1_delta: 0.0,

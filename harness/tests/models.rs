@@ -136,7 +136,7 @@ fn data_files_of_the_wrong_size_or_missing_are_clear_errors() {
 fn resnet20_integer_only_matches_its_fake_quant_simulation() {
     use quantbench::calib::{CalibRequest, FakeQuantHook};
     use quantbench::engine::int8;
-    use quantbench::experiment::CalibMethod;
+    use quantbench::experiment::{ActEdges, CalibMethod};
     use quantbench_kernels::Kernels;
     let root = root();
     let g = Graph::load(&root.join("models/resnet20/resnet20.onnx")).unwrap();
@@ -150,6 +150,7 @@ fn resnet20_integer_only_matches_its_fake_quant_simulation() {
         bits: 8,
         method: CalibMethod::Minmax,
         percentile: 99.99,
+        edges: ActEdges::All,
     };
     let model = int8::build(&k, &g, &calib, &norm, &quiet(), req).unwrap();
     let real = evaluate(&model, &test, &norm, &quiet(), None).unwrap();
@@ -190,7 +191,7 @@ fn resnet20_integer_only_matches_its_fake_quant_simulation() {
 fn integer_only_names_the_node_it_cannot_run() {
     use quantbench::calib::CalibRequest;
     use quantbench::engine::int8;
-    use quantbench::experiment::CalibMethod;
+    use quantbench::experiment::{ActEdges, CalibMethod};
     use quantbench::model::Op;
     let root = root();
     let mut g = Graph::load(&root.join("models/resnet20/resnet20.onnx")).unwrap();
@@ -206,6 +207,7 @@ fn integer_only_names_the_node_it_cannot_run() {
         bits: 8,
         method: CalibMethod::Minmax,
         percentile: 99.99,
+        edges: ActEdges::All,
     };
     let k = quantbench_kernels::Kernels::active();
     let norm = DatasetKind::Cifar10.default_normalization();
@@ -227,4 +229,37 @@ fn integer_only_names_the_node_it_cannot_run() {
     .err()
     .unwrap();
     assert!(e.contains("activations are 8-bit, not 4"), "{e}");
+}
+
+#[test]
+fn fused_activation_edges_skip_what_feeds_only_a_relu() {
+    use quantbench::calib::quantized_edges;
+    use quantbench::experiment::ActEdges;
+    use quantbench::model::Op;
+    let g = Graph::load(&root().join("models/resnet20/resnet20.onnx")).unwrap();
+    let all = quantized_edges(&g, ActEdges::All);
+    let fused = quantized_edges(&g, ActEdges::Fused);
+    let relus: Vec<_> = g
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::Relu))
+        .collect();
+    // ResNet-20: the stem, 9 blocks x 2 (after the first conv, after the residual add)
+    assert_eq!(relus.len(), 19);
+    assert!(!all[g.output] && !fused[g.output]);
+    assert!(all[g.input] && fused[g.input]);
+    for r in &relus {
+        // the Relu's output stays quantized; its input (a Conv or an Add output read by
+        // nothing else) does not
+        assert!(fused[r.output] && all[r.output]);
+        assert!(all[r.inputs[0]] && !fused[r.inputs[0]]);
+        let producer = g.nodes.iter().find(|n| n.output == r.inputs[0]).unwrap();
+        assert!(
+            matches!(producer.op, Op::Conv { .. } | Op::Add),
+            "{:?}",
+            producer.op
+        );
+    }
+    let count = |e: &[bool]| e.iter().filter(|&&b| b).count();
+    assert_eq!(count(&all) - count(&fused), 19);
 }

@@ -184,9 +184,79 @@ fn finetune_configuration_errors_name_the_key() {
     assert!(e.contains("finetune.lr"), "{e}");
     let e = parse(&base.replace("batch_size = 32", "batch_size = 32, steps = 4"));
     assert!(e.contains("steps"), "{e}");
+    let e = parse(&base.replace("batch_size = 32", "batch_size = 32, learn_scale = true"));
+    assert!(e.contains("learn_scale") && e.contains("act_bits"), "{e}");
+    let e = parse(
+        &base
+            .replace(
+                "method = \"kmeans\"\nbits = 2",
+                "method = \"linear\"\nbits = 4",
+            )
+            .replace("batch_size = 32", "batch_size = 32, reassign = true"),
+    );
+    assert!(e.contains("reassign") && e.contains("kmeans"), "{e}");
+    let e = parse(&base.replace("batch_size = 32", "batch_size = 32, warmup = 3.0"));
+    assert!(e.contains("finetune.warmup"), "{e}");
+    let e = parse(&base.replace("batch_size = 32", "batch_size = 32, clip_norm = 0.0"));
+    assert!(e.contains("finetune.clip_norm"), "{e}");
+    let e = parse(&base.replace("batch_size = 32", "batch_size = 32, schedule = \"linear\""));
+    assert!(e.contains("schedule"), "{e}");
     let e = parse(&base.replace(
         "granularity = \"per_channel\"\n",
-        "granularity = \"per_channel\"\nact_bits = 8\n",
+        "granularity = \"per_channel\"\nact_edges = \"fused\"\n",
     ));
-    assert!(e.contains("act_bits"), "{e}");
+    assert!(e.contains("act_edges") && e.contains("act_bits"), "{e}");
+}
+
+/// W4A4 with learned activation step sizes, and k-means with per-epoch re-assignment.
+#[test]
+fn activation_qat_learns_step_sizes_and_kmeans_reassigns_indices() {
+    let text = "name = \"qat-act\"\nseed = 5\n\n[data]\ndataset = \"cifar10\"\nsplit = \"test\"\nlimit = 200\nbatch = 100\n\n\
+     [calibration]\nsamples = 64\n\n\
+     [[models]]\nname = \"resnet20\"\npath = \"models/resnet20/resnet20.onnx\"\n\n\
+     [[methods]]\nmethod = \"linear\"\nbits = 4\ngranularity = \"per_channel\"\nact_bits = 4\ncalibration = \"percentile\"\n\n\
+     [[methods]]\nmethod = \"linear\"\nbits = 4\ngranularity = \"per_channel\"\nact_bits = 4\ncalibration = \"percentile\"\n\
+     finetune = { epochs = 1, lr = 0.002, samples = 256, batch_size = 32, learn_scale = true }\n\n\
+     [[methods]]\nmethod = \"kmeans\"\nbits = 2\ngranularity = \"per_channel\"\n\
+     finetune = { epochs = 1, lr = 0.002, samples = 256, batch_size = 32, reassign = true }\n\n\
+     [latency]\nbatch_sizes = [1]\nrepetitions = 1\n\n[report]\ncharts = false\n";
+    let tmp = std::env::temp_dir().join(format!("qb-qat-act-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let a = run(&tmp, text);
+    let cells: Vec<&str> = a.rows.iter().map(|r| r.cell.as_str()).collect();
+    // one control serves both: the quantized-training options do not apply to fp32
+    assert_eq!(
+        cells,
+        [
+            "resnet20--fp32",
+            "resnet20--lin4pcs-a4percentile",
+            "resnet20--fp32-ft1e-lr0.002-n256-b32",
+            "resnet20--lin4pcs-a4percentile-ft1e-lr0.002-n256-b32-lsq",
+            "resnet20--km2pc-ft1e-lr0.002-n256-b32-ra",
+        ]
+    );
+    // the accuracy before fine-tuning is the post-training W4A4 cell's (same calibration)
+    assert_eq!(a.rows[3].top1_before, Some(a.rows[1].top1));
+    let record = |cell: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(a.dir.join(format!("cells/{cell}.json"))).unwrap())
+            .unwrap()
+    };
+    let rec = record(cells[3]);
+    let scales = rec["train"]["act_scales"].as_array().unwrap();
+    // ResNet-20: the input and every node output but the logits
+    assert!(scales.len() > 40, "{}", scales.len());
+    let moved = scales
+        .iter()
+        .filter(|s| s[1].as_f64().unwrap() != s[2].as_f64().unwrap())
+        .count();
+    // the step sizes were trained, the input's included (after 8 small steps, one whose
+    // gradient stays below half an ulp of its scale may not have moved)
+    assert!(moved * 10 >= scales.len() * 9, "{moved} of {}: {scales:?}", scales.len());
+    assert_ne!(scales[0][1], scales[0][2], "the input's step size");
+    let rec = record(cells[4]);
+    let reassigned = rec["train"]["epochs"][0]["reassigned"].as_u64().unwrap();
+    assert!(reassigned > 0, "no weight changed its centroid");
+    // the stored model still holds 2-bit indices
+    assert!(a.rows[4].size_bytes < 90_000, "{}", a.rows[4].size_bytes);
+    std::fs::remove_dir_all(&tmp).unwrap();
 }

@@ -16,8 +16,11 @@ use crate::engine::ops::{
 };
 use crate::engine::EdgeHook;
 use crate::model::{Graph, Op, Tensor, Window};
+use quantbench_kernels::{Kernels, QuantParams};
 
 type R<T> = Result<T, String>;
+/// Gradients by value id (`None`: not computed).
+type Grads = Vec<Option<Vec<f32>>>;
 
 /// Whether the backward pass supports `op` (checked before training starts).
 pub fn supported(op: &Op) -> bool {
@@ -55,11 +58,21 @@ pub fn check_graph(g: &Graph) -> R<()> {
 /// Runs the graph keeping every value (indexed by value id; constants stay `None`). The hook
 /// sees every produced value, as in the engine (fake-quant of activations).
 pub fn forward(g: &Graph, input: Tensor, hook: Option<&dyn EdgeHook>) -> R<Vec<Option<Tensor>>> {
+    run_nodes(g, input, |v, _, t| {
+        if let Some(h) = hook {
+            h.on_value(v, t);
+        }
+    })
+}
+
+fn run_nodes(
+    g: &Graph,
+    input: Tensor,
+    mut post: impl FnMut(usize, Option<&Op>, &mut Tensor),
+) -> R<Vec<Option<Tensor>>> {
     let mut vals: Vec<Option<Tensor>> = vec![None; g.value_names.len()];
     let mut input = input;
-    if let Some(h) = hook {
-        h.on_value(g.input, &mut input);
-    }
+    post(g.input, None, &mut input);
     vals[g.input] = Some(input);
     for (i, node) in g.nodes.iter().enumerate() {
         let get = |v: usize| -> R<&Tensor> {
@@ -72,12 +85,74 @@ pub fn forward(g: &Graph, input: Tensor, hook: Option<&dyn EdgeHook>) -> R<Vec<O
         let rest: Vec<&Tensor> = node.inputs[1..].iter().map(|&v| get(v)).collect::<R<_>>()?;
         let mut out = execute(&node.op, None, Some(first), &rest, None)
             .map_err(|e| format!("node #{i} ({}): {e}", node.op.name()))?;
-        if let Some(h) = hook {
-            h.on_value(node.output, &mut out);
-        }
+        post(node.output, Some(&node.op), &mut out);
         vals[node.output] = Some(out);
     }
     Ok(vals)
+}
+
+/// Fake-quantization of activation edges while training.
+pub struct ActQuant<'a> {
+    pub k: &'a Kernels,
+    /// Per value id: the edge's quantization parameters (`None`: fp32).
+    pub params: &'a [Option<QuantParams>],
+    /// Also record what the gradients of the scales need (learned step size).
+    pub learn_scale: bool,
+}
+
+/// What the backward pass needs from the activation fake-quant of one forward pass.
+#[derive(Default)]
+pub struct ActTrace {
+    /// Per value id: whether the gradient passes each element (straight-through estimator:
+    /// the value before rounding lies inside the clipping range; after a Relu, also > 0).
+    pub gates: Vec<Option<Vec<bool>>>,
+    /// Per value id: d(fake-quant output)/d(scale) of each element (learned step size):
+    /// `round(x/s) - x/s` inside the range, the clipped code (minus the zero point) outside.
+    pub dscale: Vec<Option<Vec<f32>>>,
+}
+
+/// [`forward`] with the edges of `aq` fake-quantized, and the trace the backward pass needs.
+pub fn forward_quant(
+    g: &Graph,
+    input: Tensor,
+    aq: &ActQuant,
+) -> R<(Vec<Option<Tensor>>, ActTrace)> {
+    let n = g.value_names.len();
+    let mut trace = ActTrace {
+        gates: vec![None; n],
+        dscale: vec![None; n],
+    };
+    let vals = run_nodes(g, input, |v, op, t| {
+        let Some(p) = &aq.params[v] else { return };
+        let pre = t.data.clone();
+        aq.k.fake_quantize_in_place(&mut t.data, p);
+        let (s, z) = (p.scale(), p.zero_point());
+        let (lo, hi) = (s * (p.qmin() - z) as f32, s * (p.qmax() - z) as f32);
+        let relu = matches!(op, Some(Op::Relu));
+        trace.gates[v] = Some(
+            pre.iter()
+                .map(|&x| x >= lo && x <= hi && !(relu && x <= 0.0))
+                .collect(),
+        );
+        if aq.learn_scale {
+            let (below, above) = ((p.qmin() - z) as f32, (p.qmax() - z) as f32);
+            trace.dscale[v] = Some(
+                pre.iter()
+                    .zip(&t.data)
+                    .map(|(&x, &y)| {
+                        if x < lo {
+                            below
+                        } else if x > hi {
+                            above
+                        } else {
+                            (y - x) / s
+                        }
+                    })
+                    .collect(),
+            );
+        }
+    })?;
+    Ok((vals, trace))
 }
 
 /// Mean softmax cross-entropy of `logits` [batch, classes] against `labels`, its gradient
@@ -125,7 +200,23 @@ pub fn backward(
     d_out: Vec<f32>,
     trainable: &[bool],
 ) -> R<Vec<Option<Vec<f32>>>> {
+    Ok(backward_quant(g, vals, None, d_out, trainable)?.0)
+}
+
+/// [`backward`] through the activation fake-quant recorded in `trace` (straight-through
+/// estimator), also returning the gradient of each edge's scale (per value id; 0 without
+/// [`ActQuant::learn_scale`]).
+pub fn backward_quant(
+    g: &Graph,
+    vals: &[Option<Tensor>],
+    trace: Option<&ActTrace>,
+    d_out: Vec<f32>,
+    trainable: &[bool],
+) -> R<(Grads, Vec<f64>)> {
     let mut grads: Vec<Option<Vec<f32>>> = vec![None; g.value_names.len()];
+    let mut dscale = vec![0f64; g.value_names.len()];
+    // a learned input step size needs the gradient of the input
+    let input_scale = trace.is_some_and(|t| t.dscale[g.input].is_some());
     grads[g.output] = Some(d_out);
     let value = |v: usize| -> &Tensor {
         g.constants[v]
@@ -134,21 +225,39 @@ pub fn backward(
             .expect("forward produced every value")
     };
     for (i, node) in g.nodes.iter().enumerate().rev() {
-        let Some(dy) = grads[node.output].take() else {
+        let Some(mut dy) = grads[node.output].take() else {
             continue;
         };
+        let mut gated = false;
+        if let Some(t) = trace {
+            if let Some(ds) = &t.dscale[node.output] {
+                dscale[node.output] = dy.iter().zip(ds).map(|(&a, &b)| a as f64 * b as f64).sum();
+            }
+            if let Some(gate) = &t.gates[node.output] {
+                dy.iter_mut()
+                    .zip(gate)
+                    .filter(|(_, &pass)| !pass)
+                    .for_each(|(d, _)| *d = 0.0);
+                gated = true;
+            }
+        }
         let wants: Vec<bool> = node
             .inputs
             .iter()
-            .map(|&v| (g.constants[v].is_none() && v != g.input) || trainable[v])
+            .map(|&v| (g.constants[v].is_none() && (v != g.input || input_scale)) || trainable[v])
             .collect();
         if !wants.iter().any(|&w| w) {
             continue;
         }
         let ins: Vec<&Tensor> = node.inputs.iter().map(|&v| value(v)).collect();
         let y = value(node.output);
-        let dins = node_backward(&node.op, &ins, y, &dy, &wants)
-            .map_err(|e| format!("node #{i} ({}) backward: {e}", node.op.name()))?;
+        // a gated Relu output already carries the Relu's own mask (taken before rounding)
+        let dins = if gated && matches!(node.op, Op::Relu) {
+            vec![Some(dy)]
+        } else {
+            node_backward(&node.op, &ins, y, &dy, &wants)
+                .map_err(|e| format!("node #{i} ({}) backward: {e}", node.op.name()))?
+        };
         for ((&v, d), &w) in node.inputs.iter().zip(dins).zip(&wants) {
             let (Some(d), true) = (d, w) else { continue };
             match &mut grads[v] {
@@ -157,7 +266,12 @@ pub fn backward(
             }
         }
     }
-    Ok(grads)
+    if let (Some(t), Some(d)) = (trace, &grads[g.input]) {
+        if let Some(ds) = &t.dscale[g.input] {
+            dscale[g.input] = d.iter().zip(ds).map(|(&a, &b)| a as f64 * b as f64).sum();
+        }
+    }
+    Ok((grads, dscale))
 }
 
 /// Input gradients of one node (`None` where not wanted).
@@ -736,5 +850,134 @@ mod tests {
             let num = (lp - lm) / (2.0 * eps as f64);
             assert!((num - gi as f64).abs() < 1e-3, "{i}: {num} vs {gi}");
         }
+    }
+}
+
+#[cfg(test)]
+mod quant_tests {
+    use super::*;
+    use crate::model::Node;
+    use quantbench_kernels::LinearScheme;
+
+    /// x [2 x 3] -> MatMul w1 -> h -> Relu -> r -> MatMul w2 -> out; h and r fake-quantized.
+    fn net() -> Graph {
+        let w1 = Tensor::new(
+            vec![3, 4],
+            vec![
+                0.9, -0.7, 0.05, 0.4, -0.3, 0.8, 0.02, -0.6, 0.5, 0.1, -0.04, 0.9,
+            ],
+        );
+        let w2 = Tensor::new(vec![4, 2], vec![0.3, -0.2, 0.7, 0.5, -0.4, 0.9, 0.6, 0.1]);
+        Graph {
+            value_names: ["x", "w1", "h", "r", "w2", "out"]
+                .map(String::from)
+                .to_vec(),
+            constants: vec![None, Some(w1), None, None, Some(w2), None],
+            nodes: vec![
+                Node {
+                    name: "mm1".into(),
+                    op: Op::MatMul,
+                    inputs: vec![0, 1],
+                    output: 2,
+                },
+                Node {
+                    name: "relu".into(),
+                    op: Op::Relu,
+                    inputs: vec![2],
+                    output: 3,
+                },
+                Node {
+                    name: "mm2".into(),
+                    op: Op::MatMul,
+                    inputs: vec![3, 4],
+                    output: 5,
+                },
+            ],
+            input: 0,
+            input_shape: vec![Some(2), Some(3)],
+            output: 5,
+            opset: 13,
+        }
+    }
+
+    #[test]
+    fn activation_fake_quant_passes_gradients_straight_through_inside_the_range() {
+        let g = net();
+        let k = Kernels::active();
+        let x = Tensor::new(vec![2, 3], vec![1.0, 0.5, -0.8, -0.2, 1.5, 0.3]);
+        // 3-bit codes over [-0.5, 0.9] for h (some values clip), [0, 0.7] for r
+        let s3 = LinearScheme::new(3, false, false).unwrap();
+        let ph = s3.params_from_range(Some((-0.5, 0.9))).unwrap();
+        let pr = s3.params_from_range(Some((0.0, 0.7))).unwrap();
+        let params = vec![None, None, Some(ph), Some(pr), None, None];
+        let aq = ActQuant {
+            k: &k,
+            params: &params,
+            learn_scale: true,
+        };
+        let (vals, trace) = forward_quant(&g, x.clone(), &aq).unwrap();
+        // the forward pass is the plain one with the two edges fake-quantized
+        let plain = forward(&g, x.clone(), None).unwrap();
+        let h_pre = plain[2].as_ref().unwrap().data.clone();
+        let mut h_q = h_pre.clone();
+        k.fake_quantize_in_place(&mut h_q, &ph);
+        assert_eq!(vals[2].as_ref().unwrap().data, h_q);
+        let mut r_q: Vec<f32> = h_q.iter().map(|&v| v.max(0.0)).collect();
+        k.fake_quantize_in_place(&mut r_q, &pr);
+        assert_eq!(vals[3].as_ref().unwrap().data, r_q);
+
+        let d_out = vec![0.3, -1.1, 0.7, 0.25];
+        let trainable = vec![false, true, false, false, true, false];
+        let (grads, dscale) =
+            backward_quant(&g, &vals, Some(&trace), d_out.clone(), &trainable).unwrap();
+        // dL/dr = d_out w2^T, by hand
+        let w2 = &g.constants[4].as_ref().unwrap().data;
+        let dr: Vec<f32> = (0..8)
+            .map(|i| {
+                let (row, j) = (i / 4, i % 4);
+                d_out[row * 2] * w2[j * 2] + d_out[row * 2 + 1] * w2[j * 2 + 1]
+            })
+            .collect();
+        let (lo_h, hi_h) = (
+            ph.scale() * (ph.qmin() - ph.zero_point()) as f32,
+            ph.scale() * (ph.qmax() - ph.zero_point()) as f32,
+        );
+        let hi_r = pr.scale() * (pr.qmax() - pr.zero_point()) as f32;
+        let mut dh = [0f32; 8];
+        let (mut clipped, mut passed) = (0, 0);
+        for i in 0..8 {
+            let r_pre = h_q[i].max(0.0);
+            let pass = h_pre[i] >= lo_h && h_pre[i] <= hi_h && r_pre > 0.0 && r_pre <= hi_r;
+            if pass {
+                dh[i] = dr[i];
+                passed += 1;
+            } else {
+                clipped += 1;
+            }
+        }
+        // dL/dw1 = x^T dh
+        let dw1 = grads[1].as_ref().unwrap();
+        for a in 0..3 {
+            for j in 0..4 {
+                let want = x.data[a] * dh[j] + x.data[3 + a] * dh[4 + j];
+                assert!((dw1[a * 4 + j] - want).abs() < 1e-6, "dw1[{a}][{j}]");
+            }
+        }
+        assert!(
+            passed > 0 && clipped > 0,
+            "{passed} passed, {clipped} blocked"
+        );
+        // the step-size gradient of r (LSQ): sum of dL/dr times d(fake-quant)/ds, in f64
+        let s = pr.scale() as f64;
+        let want: f64 = (0..8)
+            .map(|i| {
+                let v = h_q[i].max(0.0) as f64;
+                let q = (v / s).round_ties_even().clamp(0.0, pr.qmax() as f64);
+                let ds = if v > hi_r as f64 { q } else { q - v / s };
+                dr[i] as f64 * ds
+            })
+            .sum();
+        assert!((dscale[3] - want).abs() < 1e-5, "{} vs {want}", dscale[3]);
+        assert!(want.abs() > 1e-4);
     }
 }

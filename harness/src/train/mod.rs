@@ -5,14 +5,26 @@
 //! - linear, fixed_point, dynamic_fixed_point: fake-quant. The forward pass uses the
 //!   quantized-then-dequantized master (parameters re-chosen from the master every step),
 //!   and the gradient passes straight through to the master (straight-through estimator).
-//! - kmeans: weights tied to their centroids (Deep Compression). The indices stay fixed; the
-//!   gradient of a centroid is the mean of the gradients of its weights, and the centroids
-//!   are what SGD updates. The stored form keeps the packed indices and gets the new codebook.
+//! - kmeans: weights tied to their centroids (Deep Compression). The gradient of a centroid
+//!   is the sum of the gradients of its weights divided by their count (the mean: the step a
+//!   centroid takes is the mean of the steps its weights would take), and the centroids are
+//!   what SGD updates. The indices stay fixed, or with `reassign` the layer also keeps float
+//!   weights trained with their own gradients (straight-through), and after every epoch each
+//!   weight moves to the centroid nearest its float value. The stored form keeps the packed
+//!   indices and gets the new codebook.
+//!
+//! Quantized activations (`act_bits < 32`) are fake-quantized while training, with the
+//! parameters calibrated for the post-training cell as the start. The gradient passes where
+//! the value before rounding lies inside the clipping range (and, after a Relu, is positive)
+//! and is zero outside it (straight-through estimator with clipping). With `learn_scale` the
+//! step sizes train too (LSQ, Esser et al. 2020: gradient scale 1/sqrt(elements per image x
+//! qmax), zero points fixed), the input's included.
 //!
 //! Biases (and every other float constant a Conv, Gemm, MatMul or Add reads) train in fp32.
 //! BatchNormalization was folded into the convolutions at import: the folded weights train.
-//! SGD with momentum and weight decay (weights and centroids, not biases), cosine learning
-//! rate over all steps, mean softmax cross-entropy. CIFAR-10 images get the usual
+//! SGD with momentum and weight decay (weights and centroids, not biases), a cosine or step
+//! learning-rate schedule over all steps with an optional linear warm-up, optional clipping
+//! of the global gradient norm, mean softmax cross-entropy. CIFAR-10 images get the usual
 //! augmentation: a random 32x32 crop of the image padded by 4 black pixels, and a horizontal
 //! flip with probability 1/2. Every random choice is seeded by the experiment's seed.
 
@@ -20,9 +32,10 @@ pub mod autograd;
 
 use std::time::Instant;
 
-use quantbench_kernels::Kernels;
+use quantbench_kernels::{Kernels, QuantParams};
 use serde::{Deserialize, Serialize};
 
+use crate::calib::ActParams;
 use crate::data::{Dataset, DatasetKind, Normalization};
 use crate::experiment::{Granularity, WeightScheme};
 use crate::model::{Graph, Op, Tensor, WeightRef};
@@ -43,6 +56,47 @@ pub struct FinetuneSpec {
     pub momentum: f64,
     #[serde(default = "default_wd")]
     pub weight_decay: f64,
+    /// Learning-rate schedule: cosine decay to 0 over all steps, or steps of x0.1 after half
+    /// and after three quarters of the steps.
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// Epochs over which the learning rate rises linearly from 0 to its schedule (default 0).
+    #[serde(default)]
+    pub warmup: f64,
+    /// Scale each step's gradients of the weights and biases down to this global L2 norm when
+    /// they exceed it (k-means centroids get the clipped per-weight gradients).
+    pub clip_norm: Option<f64>,
+    /// Learn the activation step sizes (LSQ, Esser et al. 2020) when activations are
+    /// quantized; otherwise they stay at their calibrated values.
+    #[serde(default)]
+    pub learn_scale: bool,
+    /// k-means: re-assign every weight to its nearest centroid after each epoch. The layer
+    /// then also keeps a float copy of its weights, updated with their own gradients
+    /// (straight-through), from which the assignment is made; without it the indices stay
+    /// fixed and only the centroids train.
+    #[serde(default)]
+    pub reassign: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    #[default]
+    Cosine,
+    Step,
+}
+
+impl Schedule {
+    /// The learning rate at `step` of `total`.
+    pub fn lr(self, peak: f64, step: usize, total: usize) -> f64 {
+        let f = step as f64 / total.max(1) as f64;
+        match self {
+            Schedule::Cosine => peak * 0.5 * (1.0 + (std::f64::consts::PI * f).cos()),
+            Schedule::Step if f < 0.5 => peak,
+            Schedule::Step if f < 0.75 => peak * 0.1,
+            Schedule::Step => peak * 0.01,
+        }
+    }
 }
 
 fn default_batch() -> usize {
@@ -84,7 +138,29 @@ impl FinetuneSpec {
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             return Err(format!("{key}.finetune.weight_decay must be >= 0"));
         }
+        if !(self.warmup.is_finite() && self.warmup >= 0.0 && self.warmup <= self.epochs as f64) {
+            return Err(format!(
+                "{key}.finetune.warmup = {}: expected 0..=epochs ({})",
+                self.warmup, self.epochs
+            ));
+        }
+        if let Some(c) = self.clip_norm {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(format!(
+                    "{key}.finetune.clip_norm = {c}: expected a positive number"
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The same budget for the fp32 control (no quantized-training options).
+    pub fn control(&self) -> FinetuneSpec {
+        FinetuneSpec {
+            learn_scale: false,
+            reassign: false,
+            ..self.clone()
+        }
     }
 
     /// A short stable tag for cell ids.
@@ -95,6 +171,21 @@ impl FinetuneSpec {
         }
         if self.batch_size != default_batch() {
             t.push_str(&format!("-b{}", self.batch_size));
+        }
+        if self.schedule == Schedule::Step {
+            t.push_str("-step");
+        }
+        if self.warmup > 0.0 {
+            t.push_str(&format!("-wu{}", self.warmup));
+        }
+        if let Some(c) = self.clip_norm {
+            t.push_str(&format!("-clip{c}"));
+        }
+        if self.learn_scale {
+            t.push_str("-lsq");
+        }
+        if self.reassign {
+            t.push_str("-ra");
         }
         t
     }
@@ -107,6 +198,9 @@ pub struct TrainLog {
     pub images: usize,
     pub seconds: f64,
     pub images_per_second: f64,
+    /// Quantized activation edges: (value name, calibrated scale, scale after training).
+    #[serde(default)]
+    pub act_scales: Vec<(String, f32, f32)>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -115,6 +209,9 @@ pub struct EpochLog {
     pub loss: f64,
     pub train_top1: f64,
     pub seconds: f64,
+    /// k-means with `reassign`: weights whose centroid changed at the end of the epoch.
+    #[serde(default)]
+    pub reassigned: Option<usize>,
 }
 
 /// The per-layer state of training.
@@ -134,6 +231,8 @@ enum Layer {
         clusters: usize,
         velocity: Vec<f32>,
         template: Box<QuantizedWeight>,
+        /// With `reassign`: the float weights (and their momentum) the indices are re-chosen from.
+        shadow: Option<(Vec<f32>, Vec<f32>)>,
     },
 }
 
@@ -157,6 +256,8 @@ impl Mix {
 pub struct Trained {
     pub graph: Graph,
     pub weights: Vec<(WeightRef, QuantizedWeight)>,
+    /// The activation parameters after training (learned or as calibrated).
+    pub act: Option<ActParams>,
     pub log: TrainLog,
 }
 
@@ -169,6 +270,8 @@ pub struct FinetuneInput<'a> {
     pub train: &'a Dataset,
     pub norm: &'a Normalization,
     pub spec: &'a FinetuneSpec,
+    /// Quantized activations (fake-quant with these calibrated parameters while training).
+    pub act: Option<&'a ActParams>,
     pub seed: u64,
     pub threads: usize,
     pub progress: bool,
@@ -256,6 +359,7 @@ pub fn finetune(inp: &FinetuneInput) -> Result<Trained, String> {
                     clusters: *clusters,
                     velocity: vec![0f32; codebooks.len()],
                     template: Box::new(qw),
+                    shadow: spec.reassign.then(|| (w.data.clone(), vec![0f32; w.len()])),
                 }
             }
             other => Layer::Master {
@@ -266,6 +370,24 @@ pub fn finetune(inp: &FinetuneInput) -> Result<Trained, String> {
         });
     }
 
+    // activation step sizes: the calibrated parameters, learned with `learn_scale`
+    let mut act: Option<Vec<Option<QuantParams>>> = inp.act.map(|a| a.params.clone());
+    if let Some(a) = &act {
+        if a.len() != graph.value_names.len() {
+            return Err(format!(
+                "finetune: activation parameters for {} values, the graph has {}",
+                a.len(),
+                graph.value_names.len()
+            ));
+        }
+    }
+    let mut scale_velocity = vec![0f32; graph.value_names.len()];
+    let scale_floor: Vec<f32> = act.as_ref().map_or(vec![], |a| {
+        a.iter()
+            .map(|p| p.as_ref().map_or(0.0, |p| p.scale() * 1e-3))
+            .collect()
+    });
+
     let steps_per_epoch = n.div_ceil(spec.batch_size);
     let total_steps = steps_per_epoch * spec.epochs;
     let bar = crate::eval::progress_bar(total_steps as u64, inp.label, inp.progress);
@@ -275,6 +397,7 @@ pub fn finetune(inp: &FinetuneInput) -> Result<Trained, String> {
         images: n * spec.epochs,
         seconds: 0.0,
         images_per_second: 0.0,
+        act_scales: vec![],
     };
     let mut step = 0usize;
     for epoch in 0..spec.epochs {
@@ -298,8 +421,15 @@ pub fn finetune(inp: &FinetuneInput) -> Result<Trained, String> {
                 graph.set_constant(r.value, eff)?;
             }
             let images: Vec<(usize, u64)> = batch.iter().map(|&i| (i, rng.next())).collect();
-            let (loss, ok, grads) =
-                batch_gradients(&graph, inp, &images, &trainable, &refs, &biases)?;
+            let (loss, ok, grads) = batch_gradients(
+                &graph,
+                inp,
+                &images,
+                &trainable,
+                &refs,
+                &biases,
+                act.as_deref(),
+            )?;
             if !loss.is_finite() {
                 return Err(format!(
                     "fine-tuning diverged at step {step} of {total_steps} (the loss is {loss}); lower finetune.lr (now {})",
@@ -308,10 +438,16 @@ pub fn finetune(inp: &FinetuneInput) -> Result<Trained, String> {
             }
             loss_sum += loss;
             correct += ok;
-            let lr = (spec.lr
-                * 0.5
-                * (1.0 + (std::f64::consts::PI * step as f64 / total_steps as f64).cos()))
-                as f32;
+            let warm = spec.warmup * steps_per_epoch as f64;
+            let mut lr = spec.schedule.lr(spec.lr, step, total_steps);
+            if (step as f64) < warm {
+                lr *= (step + 1) as f64 / warm.ceil();
+            }
+            let lr = lr as f32;
+            let clip = match spec.clip_norm {
+                Some(c) => (c / grads.norm().max(c)) as f32,
+                None => 1.0,
+            };
             let (mom, wd) = (spec.momentum as f32, spec.weight_decay as f32);
             for (layer, gw) in layers.iter_mut().zip(&grads.weights) {
                 match layer {
@@ -319,7 +455,7 @@ pub fn finetune(inp: &FinetuneInput) -> Result<Trained, String> {
                         master, velocity, ..
                     } => {
                         for ((w, v), &g) in master.iter_mut().zip(velocity.iter_mut()).zip(gw) {
-                            *v = mom * *v + g + wd * *w;
+                            *v = mom * *v + clip * g + wd * *w;
                             *w -= lr * *v;
                         }
                     }
@@ -329,8 +465,15 @@ pub fn finetune(inp: &FinetuneInput) -> Result<Trained, String> {
                         centroids,
                         clusters,
                         velocity,
+                        shadow,
                         ..
                     } => {
+                        if let Some((w, v)) = shadow {
+                            for ((w, v), &g) in w.iter_mut().zip(v.iter_mut()).zip(gw) {
+                                *v = mom * *v + clip * g + wd * *w;
+                                *w -= lr * *v;
+                            }
+                        }
                         for &(s, e, c) in runs.iter() {
                             let (sums, counts) = quantbench_kernels::kmeans::centroid_gradients(
                                 &gw[s..e],
@@ -343,12 +486,28 @@ pub fn finetune(inp: &FinetuneInput) -> Result<Trained, String> {
                                     continue;
                                 }
                                 let at = c * *clusters + j;
-                                let g = (sums[j] / counts[j] as f64) as f32;
+                                let g = clip * (sums[j] / counts[j] as f64) as f32;
                                 velocity[at] = mom * velocity[at] + g + wd * centroids[at];
                                 centroids[at] -= lr * velocity[at];
                             }
                         }
                     }
+                }
+            }
+            // learned step sizes (LSQ): gradient scaled by 1 / sqrt(elements per image x qmax)
+            if let (true, Some(params)) = (spec.learn_scale, act.as_mut()) {
+                for (v, p) in params.iter_mut().enumerate() {
+                    let Some(q) = p.as_mut() else { continue };
+                    let per_image = grads.act_elems[v].max(1) as f64;
+                    let gs = (grads.dscale[v] / (per_image * q.qmax().max(1) as f64).sqrt()) as f32;
+                    scale_velocity[v] = mom * scale_velocity[v] + gs;
+                    let s = (q.scale() - lr * scale_velocity[v]).max(scale_floor[v]);
+                    *q = QuantParams::new(s, q.zero_point(), q.qmin(), q.qmax()).map_err(|e| {
+                        format!(
+                            "activation '{}': learned step size {s}: {e}",
+                            graph.value_names[v]
+                        )
+                    })?;
                 }
             }
             for ((&v, vel), g) in biases
@@ -358,31 +517,67 @@ pub fn finetune(inp: &FinetuneInput) -> Result<Trained, String> {
             {
                 let b = graph.constants[v].as_mut().expect("constant");
                 for ((w, u), &d) in b.data.iter_mut().zip(vel.iter_mut()).zip(g) {
-                    *u = mom * *u + d;
+                    *u = mom * *u + clip * d;
                     *w -= lr * *u;
                 }
             }
             step += 1;
             bar.inc(1);
         }
+        // k-means with `reassign`: every weight to the nearest centroid of its float copy
+        let mut reassigned = None;
+        for layer in layers.iter_mut() {
+            if let Layer::Tied {
+                idx,
+                runs,
+                centroids,
+                clusters,
+                shadow: Some((w, _)),
+                ..
+            } = layer
+            {
+                for &(s, e, c) in runs.iter() {
+                    let cb = &centroids[c * *clusters..(c + 1) * *clusters];
+                    for (slot, &x) in idx[s..e].iter_mut().zip(&w[s..e]) {
+                        let j = nearest(cb, x);
+                        if j != *slot {
+                            *reassigned.get_or_insert(0) += 1;
+                            *slot = j;
+                        } else {
+                            reassigned.get_or_insert(0);
+                        }
+                    }
+                }
+            }
+        }
         log.epochs.push(EpochLog {
             epoch: epoch + 1,
             loss: loss_sum / n as f64,
             train_top1: correct as f64 / n as f64,
             seconds: t.elapsed().as_secs_f64(),
+            reassigned,
         });
         eprintln!(
-            "{}: epoch {}/{}: loss {:.4}, train top-1 {:.2} %, {:.1} s",
+            "{}: epoch {}/{}: loss {:.4}, train top-1 {:.2} %, {:.1} s{}",
             inp.label,
             epoch + 1,
             spec.epochs,
             loss_sum / n as f64,
             100.0 * correct as f64 / n as f64,
-            t.elapsed().as_secs_f64()
+            t.elapsed().as_secs_f64(),
+            reassigned.map_or(String::new(), |r| format!(", {r} weights re-assigned"))
         );
     }
     bar.finish_and_clear();
     log.seconds = start.elapsed().as_secs_f64();
+    if let (Some(a0), Some(a1)) = (inp.act, &act) {
+        for (v, (p0, p1)) in a0.params.iter().zip(a1).enumerate() {
+            if let (Some(p0), Some(p1)) = (p0, p1) {
+                log.act_scales
+                    .push((graph.value_names[v].clone(), p0.scale(), p1.scale()));
+            }
+        }
+    }
     log.images_per_second = log.images as f64 / log.seconds.max(1e-9);
 
     // final stored forms and effective weights
@@ -400,14 +595,24 @@ pub fn finetune(inp: &FinetuneInput) -> Result<Trained, String> {
                 quantize_weight(inp.k, &name, &t, r.out_axis, scheme)?
             }
             Layer::Tied {
+                idx,
                 centroids,
                 template,
                 ..
             } => {
                 let mut qw = (**template).clone();
                 qw.dequantized = effective(inp.k, &name, layer, &shape, r.out_axis)?;
-                if let Stored::KMeans { codebooks, .. } = &mut qw.stored {
+                if let Stored::KMeans {
+                    codebooks,
+                    packed,
+                    bits,
+                    ..
+                } = &mut qw.stored
+                {
                     codebooks.clone_from(centroids);
+                    // the indices change with `reassign`
+                    *packed = quantbench_kernels::pack::pack_codes(idx, 0, *bits)
+                        .map_err(|e| format!("weight '{name}': {e}"))?;
                 }
                 qw
             }
@@ -418,8 +623,21 @@ pub fn finetune(inp: &FinetuneInput) -> Result<Trained, String> {
     Ok(Trained {
         graph,
         weights,
+        act: act.map(|params| ActParams { params }),
         log,
     })
+}
+
+/// The index of the centroid nearest to `x` (the first on a tie).
+fn nearest(cb: &[f32], x: f32) -> u8 {
+    let mut best = (f32::INFINITY, 0usize);
+    for (j, &c) in cb.iter().enumerate() {
+        let d = (c - x).abs();
+        if d < best.0 {
+            best = (d, j);
+        }
+    }
+    best.1 as u8
 }
 
 fn runs_of(shape: &[usize], axis: usize, g: Option<Granularity>) -> Vec<(usize, usize, usize)> {
@@ -479,14 +697,27 @@ fn effective(
     })
 }
 
-/// One thread's share of a batch: summed loss, correct predictions, gradients by value id.
-type Part = (f64, usize, Vec<Option<Vec<f32>>>);
+/// One thread's share of a batch: summed loss, correct predictions, gradients by value id,
+/// step-size gradients by value id, elements per image by value id.
+type Part = (f64, usize, Vec<Option<Vec<f32>>>, Vec<f64>, Vec<usize>);
 
 struct BatchGrads {
     /// per weight layer (graph.weights() order)
     weights: Vec<Vec<f32>>,
     /// per trainable bias (the order `finetune` collected them in)
     biases: Vec<Vec<f32>>,
+    /// per value id: gradient of the activation step size (learned step size only)
+    dscale: Vec<f64>,
+    /// per value id: elements of the value per image
+    act_elems: Vec<usize>,
+}
+
+impl BatchGrads {
+    /// The global L2 norm of the gradients.
+    fn norm(&self) -> f64 {
+        let sq = |v: &Vec<f32>| v.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
+        (self.weights.iter().map(sq).sum::<f64>() + self.biases.iter().map(sq).sum::<f64>()).sqrt()
+    }
 }
 
 /// One batch: augmented images split across threads; the summed loss, correct predictions
@@ -498,7 +729,9 @@ fn batch_gradients(
     trainable: &[bool],
     refs: &[WeightRef],
     biases: &[usize],
+    act: Option<&[Option<QuantParams>]>,
 ) -> Result<(f64, usize, BatchGrads), String> {
+    let nv = graph.value_names.len();
     let threads = inp.threads.clamp(1, images.len());
     let per = images.len().div_ceil(threads);
     let denominator = images.len();
@@ -516,14 +749,34 @@ fn batch_gradients(
                         .unwrap_or(chunk.len())
                         .max(1);
                     let (mut loss, mut ok) = (0f64, 0usize);
-                    let mut acc: Vec<Option<Vec<f32>>> = vec![None; graph.value_names.len()];
+                    let mut acc: Vec<Option<Vec<f32>>> = vec![None; nv];
+                    let mut dscale = vec![0f64; nv];
+                    let mut elems = vec![0usize; nv];
                     for part in chunk.chunks(piece) {
                         let (x, labels) = make_batch(inp.train, inp.norm, part);
-                        let vals = autograd::forward(graph, x, None)?;
+                        let (vals, trace) = match act {
+                            Some(params) => {
+                                let aq = autograd::ActQuant {
+                                    k: inp.k,
+                                    params,
+                                    learn_scale: inp.spec.learn_scale,
+                                };
+                                let (v, t) = autograd::forward_quant(graph, x, &aq)?;
+                                (v, Some(t))
+                            }
+                            None => (autograd::forward(graph, x, None)?, None),
+                        };
                         let logits = vals[graph.output].as_ref().ok_or("no output")?;
                         let (l, d, c) =
                             autograd::softmax_cross_entropy(logits, &labels, denominator)?;
-                        let grads = autograd::backward(graph, &vals, d, trainable)?;
+                        for (e, v) in elems.iter_mut().zip(&vals) {
+                            if let Some(t) = v {
+                                *e = t.len() / part.len();
+                            }
+                        }
+                        let (grads, ds) =
+                            autograd::backward_quant(graph, &vals, trace.as_ref(), d, trainable)?;
+                        dscale.iter_mut().zip(&ds).for_each(|(a, b)| *a += b);
                         loss += l;
                         ok += c;
                         for (a, g) in acc.iter_mut().zip(grads) {
@@ -536,7 +789,7 @@ fn batch_gradients(
                             }
                         }
                     }
-                    Ok((loss, ok, acc))
+                    Ok((loss, ok, acc, dscale, elems))
                 })
             })
             .collect();
@@ -557,10 +810,17 @@ fn batch_gradients(
         .iter()
         .map(|&v| vec![0f32; graph.constants[v].as_ref().map_or(0, |t| t.len())])
         .collect();
+    let mut dscale = vec![0f64; nv];
+    let mut act_elems = vec![0usize; nv];
     for p in parts {
-        let (l, ok, g) = p?;
+        let (l, ok, g, ds, el) = p?;
         loss += l;
         correct += ok;
+        dscale.iter_mut().zip(&ds).for_each(|(a, b)| *a += b);
+        act_elems
+            .iter_mut()
+            .zip(&el)
+            .for_each(|(a, &b)| *a = (*a).max(b));
         for (r, acc) in refs.iter().zip(weights.iter_mut()) {
             if let Some(d) = &g[r.value] {
                 acc.iter_mut().zip(d).for_each(|(a, b)| *a += b);
@@ -578,6 +838,8 @@ fn batch_gradients(
         BatchGrads {
             weights,
             biases: bias_grads,
+            dscale,
+            act_elems,
         },
     ))
 }
@@ -620,4 +882,31 @@ fn make_batch(d: &Dataset, norm: &Normalization, images: &[(usize, u64)]) -> (Te
         labels.push(d.labels[i]);
     }
     (Tensor::new(vec![images.len(), c, h, w], data), labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_start_at_the_peak_and_decay() {
+        let c = Schedule::Cosine;
+        assert_eq!(c.lr(0.1, 0, 100), 0.1);
+        assert!((c.lr(0.1, 50, 100) - 0.05).abs() < 1e-12);
+        assert!(c.lr(0.1, 99, 100) < 1e-4);
+        let s = Schedule::Step;
+        assert_eq!(
+            [0, 49, 50, 74, 75, 99].map(|i| s.lr(1.0, i, 100)),
+            [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
+        );
+    }
+
+    #[test]
+    fn nearest_centroid_takes_the_first_of_a_tie() {
+        let cb = [-1.0, 0.0, 0.0, 2.0];
+        assert_eq!(nearest(&cb, -0.6), 0);
+        assert_eq!(nearest(&cb, 0.1), 1);
+        assert_eq!(nearest(&cb, 1.0), 1);
+        assert_eq!(nearest(&cb, 1.2), 3);
+    }
 }
