@@ -9,8 +9,8 @@
 //!   is the sum of the gradients of its weights divided by their count (the mean: the step a
 //!   centroid takes is the mean of the steps its weights would take), and the centroids are
 //!   what SGD updates. The indices stay fixed, or with `reassign` the layer also keeps float
-//!   weights trained with their own gradients (straight-through), and after every epoch each
-//!   weight moves to the centroid nearest its float value. The stored form keeps the packed
+//!   weights trained with their own gradients (straight-through), and after every epoch but
+//!   the last each weight moves to the centroid nearest its float value. The stored form keeps the packed
 //!   indices and gets the new codebook.
 //!
 //! Quantized activations (`act_bits < 32`) are fake-quantized while training, with the
@@ -70,7 +70,7 @@ pub struct FinetuneSpec {
     /// quantized; otherwise they stay at their calibrated values.
     #[serde(default)]
     pub learn_scale: bool,
-    /// k-means: re-assign every weight to its nearest centroid after each epoch. The layer
+    /// k-means: re-assign every weight to its nearest centroid after each epoch but the last. The layer
     /// then also keeps a float copy of its weights, updated with their own gradients
     /// (straight-through), from which the assignment is made; without it the indices stay
     /// fixed and only the centroids train.
@@ -524,9 +524,11 @@ pub fn finetune(inp: &FinetuneInput) -> Result<Trained, String> {
             step += 1;
             bar.inc(1);
         }
-        // k-means with `reassign`: every weight to the nearest centroid of its float copy
+        // k-means with `reassign`: every weight to the nearest centroid of its float copy (not
+        // after the last epoch, which would leave no steps to adapt to the moves)
         let mut reassigned = None;
-        for layer in layers.iter_mut() {
+        let last = epoch + 1 == spec.epochs;
+        for layer in layers.iter_mut().filter(|_| !last) {
             if let Layer::Tied {
                 idx,
                 runs,
