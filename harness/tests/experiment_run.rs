@@ -298,3 +298,26 @@ fn hybrid_selector_that_matches_nothing_is_an_error() {
         .unwrap();
     assert!(e.contains("no_such_layer"), "{e}");
 }
+
+/// Every shipped experiment file parses and expands into cells (a typo in one is caught here,
+/// not an hour into a run).
+#[test]
+fn every_shipped_experiment_parses() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../experiments");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let exp = Experiment::parse(&text, Some(&root()))
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let cells = exp
+            .cells()
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(cells.len() > 1, "{}", path.display());
+        n += 1;
+    }
+    assert!(n >= 8, "{n} experiment files");
+}
