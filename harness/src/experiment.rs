@@ -136,6 +136,11 @@ fn default_batch() -> usize {
     64
 }
 
+/// The id of the fp32 control cell of a cell of `model` fine-tuned with `ft`.
+pub fn control_id(model: &str, ft: &crate::train::FinetuneSpec) -> String {
+    format!("{model}--fp32-{}", ft.control().tag())
+}
+
 /// Which activation edges are quantized (see `MethodSpec::act_edges`).
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -735,8 +740,8 @@ impl Experiment {
                 if let Some(ft) = &spec.finetune {
                     // the control: fp32 fine-tuned with the same budget (the options of
                     // quantized training do not apply to it)
+                    let id = control_id(&model.name, ft);
                     let ft = ft.control();
-                    let id = format!("{}--fp32-{}", model.name, ft.tag());
                     if !out.iter().any(|c: &Cell| c.id == id) {
                         out.push(Cell {
                             id,

@@ -259,10 +259,10 @@ fn finetune_summary(rows: &[Row]) -> String {
     let mut s = String::from("\n## Fine-tuning (quantization-aware training)\n\n");
     s.push_str("| model | cell | top-1 % before | top-1 % after | fp32 control % | after - control pp | train images/s |\n|---|---|---:|---:|---:|---:|---:|\n");
     for r in tuned {
-        let tag = r.cell.rfind("-ft").map(|i| &r.cell[i + 1..]).unwrap_or("");
-        let control = rows
-            .iter()
-            .find(|c| c.cell == format!("{}--fp32-{tag}", r.model));
+        let control = r
+            .control
+            .as_ref()
+            .and_then(|id| rows.iter().find(|c| &c.cell == id));
         s.push_str(&format!(
             "| {} | {} | {} | {:.2} | {} | {} | {:.0} |\n",
             r.model,

@@ -57,6 +57,9 @@ pub struct Row {
     /// Fine-tuned cells: training throughput (images per second, all threads).
     #[serde(default)]
     pub train_images_per_s: Option<f64>,
+    /// Fine-tuned cells: the id of their fp32 control cell.
+    #[serde(default)]
+    pub control: Option<String>,
 }
 
 /// Latency of one executable path at one batch size.
@@ -712,6 +715,12 @@ impl CellContext<'_> {
         row.sim_top1 = sim_top1;
         row.top1_before = top1_before;
         row.train_images_per_s = train_log.as_ref().map(|l| l.images_per_second);
+        row.control = match &cell.finetune {
+            Some(ft) if cell.method != MethodKind::Fp32 => {
+                Some(crate::experiment::control_id(&cell.model, ft))
+            }
+            _ => None,
+        };
         Ok(CellRecord {
             row,
             latency: cell_latency,
@@ -861,6 +870,7 @@ fn make_row(
         isa: isa.to_string(),
         top1_before: None,
         train_images_per_s: None,
+        control: None,
     }
 }
 

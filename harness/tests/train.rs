@@ -237,6 +237,15 @@ fn activation_qat_learns_step_sizes_and_kmeans_reassigns_indices() {
     );
     // the accuracy before fine-tuning is the post-training W4A4 cell's (same calibration)
     assert_eq!(a.rows[3].top1_before, Some(a.rows[1].top1));
+    assert_eq!(a.rows[3].control.as_deref(), Some(cells[2]));
+    assert_eq!(a.rows[4].control.as_deref(), Some(cells[2]));
+    let summary = std::fs::read_to_string(a.dir.join("summary.md")).unwrap();
+    let w4a4 = summary
+        .lines()
+        .find(|l| l.contains("| lin4pcs-a4percentile-ft2e"))
+        .unwrap();
+    // before, after, the control's top-1 and the difference are all there
+    assert!(!w4a4.contains("| - |"), "{w4a4}");
     let record = |cell: &str| -> serde_json::Value {
         serde_json::from_slice(&std::fs::read(a.dir.join(format!("cells/{cell}.json"))).unwrap())
             .unwrap()
