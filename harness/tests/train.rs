@@ -206,6 +206,57 @@ fn finetune_configuration_errors_name_the_key() {
         "granularity = \"per_channel\"\nact_edges = \"fused\"\n",
     ));
     assert!(e.contains("act_edges") && e.contains("act_bits"), "{e}");
+    let kd = |d: &str| {
+        parse(&base.replace(
+            "batch_size = 32",
+            &format!("batch_size = 32, distill = {d}"),
+        ))
+    };
+    let e = kd("{ weight = 1.5 }");
+    assert!(e.contains("finetune.distill.weight"), "{e}");
+    let e = kd("{ temperature = 0.0 }");
+    assert!(e.contains("finetune.distill.temperature"), "{e}");
+    let e = kd("{ weight = 0.5, tau = 2.0 }");
+    assert!(e.contains("tau"), "{e}");
+}
+
+/// Distillation from the pretrained model: the quantized cell and its control both distill,
+/// and the fine-tuned k-means cell wins accuracy back.
+#[test]
+fn distillation_trains_the_cell_and_its_control_from_the_pretrained_teacher() {
+    let text = qat_experiment().replace(
+        "batch_size = 32 }",
+        "batch_size = 32, distill = { weight = 1.0, temperature = 1.0 } }",
+    );
+    let tmp = std::env::temp_dir().join(format!("qb-qat-kd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let a = run(&tmp, &text);
+    let cells: Vec<&str> = a.rows.iter().map(|r| r.cell.as_str()).collect();
+    assert_eq!(
+        cells,
+        [
+            "resnet20--fp32",
+            "resnet20--fp32-ft2e-lr0.001-n512-b32-kd1t1",
+            "resnet20--km2pc-ft2e-lr0.001-n512-b32-kd1t1"
+        ]
+    );
+    assert_eq!(a.rows[2].control.as_deref(), Some(cells[1]));
+    let km = &a.rows[2];
+    let before = km.top1_before.unwrap();
+    assert!(
+        km.top1 > before + 0.10,
+        "before {before}, after {}",
+        km.top1
+    );
+    // the control starts as its own teacher: two epochs of distillation keep it close to the
+    // pretrained model (81 % on these 200 images +- a few images), not drifting away
+    assert!(
+        (a.rows[1].top1 - a.rows[0].top1).abs() < 0.05,
+        "{} vs {}",
+        a.rows[1].top1,
+        a.rows[0].top1
+    );
+    std::fs::remove_dir_all(&tmp).unwrap();
 }
 
 /// W4A4 with learned activation step sizes, and k-means with per-epoch re-assignment.

@@ -192,6 +192,55 @@ pub fn softmax_cross_entropy(
     Ok((loss, grad, correct))
 }
 
+/// Knowledge distillation (Hinton et al. 2015) from `teacher` logits: per image
+/// `(1 - weight) * CE(z, y) + weight * T^2 * KL(softmax(t / T) || softmax(z / T))`, summed over
+/// the batch, with its gradient `(1 - weight) * (softmax(z) - onehot(y)) + weight * T *
+/// (softmax(z / T) - softmax(t / T))` scaled by `1 / denominator`, and the number of correct
+/// top-1 predictions. `weight = 0` is [`softmax_cross_entropy`].
+pub fn distillation_loss(
+    logits: &Tensor,
+    teacher: &Tensor,
+    labels: &[u8],
+    denominator: usize,
+    weight: f64,
+    temperature: f64,
+) -> R<(f64, Vec<f32>, usize)> {
+    if teacher.len() != logits.len() {
+        return Err(format!(
+            "{} teacher logits for {} student logits",
+            teacher.len(),
+            logits.len()
+        ));
+    }
+    let (ce, mut grad, correct) = softmax_cross_entropy(logits, labels, denominator)?;
+    let classes = logits.len() / labels.len();
+    let t = temperature;
+    // log-softmax of a row at temperature t, in f64
+    let log_softmax = |row: &[f32]| -> Vec<f64> {
+        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let sum: f64 = row.iter().map(|&v| ((v as f64 - max) / t).exp()).sum();
+        row.iter()
+            .map(|&v| (v as f64 - max) / t - sum.ln())
+            .collect()
+    };
+    let mut kl = 0f64;
+    for ((z, tz), g) in logits
+        .data
+        .chunks_exact(classes)
+        .zip(teacher.data.chunks_exact(classes))
+        .zip(grad.chunks_exact_mut(classes))
+    {
+        let (ls, lt) = (log_softmax(z), log_softmax(tz));
+        for ((gj, &s), &q) in g.iter_mut().zip(&ls).zip(&lt) {
+            let (ps, pt) = (s.exp(), q.exp());
+            kl += pt * (q - s);
+            *gj =
+                ((1.0 - weight) * *gj as f64 + weight * t * (ps - pt) / denominator as f64) as f32;
+        }
+    }
+    Ok(((1.0 - weight) * ce + weight * t * t * kl, grad, correct))
+}
+
 /// Gradients of every value (and of the constants in `trainable`) given the gradient of the
 /// graph output. Returns gradients indexed by value id.
 pub fn backward(
@@ -850,6 +899,38 @@ mod tests {
             let num = (lp - lm) / (2.0 * eps as f64);
             assert!((num - gi as f64).abs() < 1e-3, "{i}: {num} vs {gi}");
         }
+    }
+
+    #[test]
+    fn distillation_gradient_matches_finite_differences() {
+        let mut rng = Rng(5);
+        let logits = rng.tensor(&[3, 5]);
+        let teacher = rng.tensor(&[3, 5]);
+        let labels = [2u8, 0, 4];
+        let loss = |z: &Tensor| distillation_loss(z, &teacher, &labels, 3, 0.7, 3.0).unwrap();
+        let (_, g, _) = loss(&logits);
+        let eps = 1e-2f32;
+        for (i, &gi) in g.iter().enumerate() {
+            let mut p = logits.clone();
+            p.data[i] += eps;
+            let mut m = logits.clone();
+            m.data[i] -= eps;
+            let num = (loss(&p).0 - loss(&m).0) / 3.0 / (2.0 * eps as f64);
+            assert!((num - gi as f64).abs() < 1e-3, "{i}: {num} vs {gi}");
+        }
+        // a student equal to its teacher: the distillation term is 0, only the label term is left
+        let (l, g, _) = distillation_loss(&logits, &logits, &labels, 3, 0.7, 3.0).unwrap();
+        let (ce, gce, _) = softmax_cross_entropy(&logits, &labels, 3).unwrap();
+        assert!((l - 0.3 * ce).abs() < 1e-9, "{l} vs {}", 0.3 * ce);
+        for (a, b) in g.iter().zip(&gce) {
+            assert!((a - 0.3 * b).abs() < 1e-6);
+        }
+        // weight 0 is plain cross-entropy
+        assert_eq!(
+            distillation_loss(&logits, &teacher, &labels, 3, 0.0, 3.0).unwrap(),
+            softmax_cross_entropy(&logits, &labels, 3).unwrap()
+        );
+        assert!(distillation_loss(&logits, &rng.tensor(&[2, 5]), &labels, 3, 0.5, 1.0).is_err());
     }
 }
 

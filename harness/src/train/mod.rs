@@ -24,7 +24,8 @@
 //! BatchNormalization was folded into the convolutions at import: the folded weights train.
 //! SGD with momentum and weight decay (weights and centroids, not biases), a cosine or step
 //! learning-rate schedule over all steps with an optional linear warm-up, optional clipping
-//! of the global gradient norm, mean softmax cross-entropy. CIFAR-10 images get the usual
+//! of the global gradient norm, mean softmax cross-entropy (optionally mixed with knowledge
+//! distillation from the pretrained fp32 model, `distill`). CIFAR-10 images get the usual
 //! augmentation: a random 32x32 crop of the image padded by 4 black pixels, and a horizontal
 //! flip with probability 1/2. Every random choice is seeded by the experiment's seed.
 
@@ -76,6 +77,25 @@ pub struct FinetuneSpec {
     /// fixed and only the centroids train.
     #[serde(default)]
     pub reassign: bool,
+    /// Knowledge distillation from the model the cell starts from (the pretrained fp32 graph):
+    /// the loss mixes the label cross-entropy with the teacher's softened outputs.
+    pub distill: Option<Distill>,
+}
+
+/// `distill = { weight, temperature }`: the loss per image is `(1 - weight) x cross-entropy +
+/// weight x T^2 x KL(teacher || student)` with both softmaxes at temperature T (Hinton et al.
+/// 2015). The teacher is the unquantized pretrained model on the same augmented images.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Distill {
+    #[serde(default = "default_one")]
+    pub weight: f64,
+    #[serde(default = "default_one")]
+    pub temperature: f64,
+}
+
+fn default_one() -> f64 {
+    1.0
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -151,6 +171,20 @@ impl FinetuneSpec {
                 ));
             }
         }
+        if let Some(d) = &self.distill {
+            if !(d.weight.is_finite() && (0.0..=1.0).contains(&d.weight)) {
+                return Err(format!(
+                    "{key}.finetune.distill.weight = {}: expected 0..=1",
+                    d.weight
+                ));
+            }
+            if !(d.temperature.is_finite() && d.temperature > 0.0 && d.temperature <= 100.0) {
+                return Err(format!(
+                    "{key}.finetune.distill.temperature = {}: expected 0 < T <= 100",
+                    d.temperature
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -186,6 +220,9 @@ impl FinetuneSpec {
         }
         if self.reassign {
             t.push_str("-ra");
+        }
+        if let Some(d) = &self.distill {
+            t.push_str(&format!("-kd{}t{}", d.weight, d.temperature));
         }
         t
     }
@@ -756,6 +793,12 @@ fn batch_gradients(
                     let mut elems = vec![0usize; nv];
                     for part in chunk.chunks(piece) {
                         let (x, labels) = make_batch(inp.train, inp.norm, part);
+                        // the teacher's logits on the same augmented images
+                        let teacher = match &inp.spec.distill {
+                            Some(_) => autograd::forward(inp.graph, x.clone(), None)?
+                                .swap_remove(inp.graph.output),
+                            None => None,
+                        };
                         let (vals, trace) = match act {
                             Some(params) => {
                                 let aq = autograd::ActQuant {
@@ -769,8 +812,17 @@ fn batch_gradients(
                             None => (autograd::forward(graph, x, None)?, None),
                         };
                         let logits = vals[graph.output].as_ref().ok_or("no output")?;
-                        let (l, d, c) =
-                            autograd::softmax_cross_entropy(logits, &labels, denominator)?;
+                        let (l, d, c) = match (&inp.spec.distill, &teacher) {
+                            (Some(kd), Some(t)) => autograd::distillation_loss(
+                                logits,
+                                t,
+                                &labels,
+                                denominator,
+                                kd.weight,
+                                kd.temperature,
+                            )?,
+                            _ => autograd::softmax_cross_entropy(logits, &labels, denominator)?,
+                        };
                         for (e, v) in elems.iter_mut().zip(&vals) {
                             if let Some(t) = v {
                                 *e = t.len() / part.len();
