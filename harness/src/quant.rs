@@ -309,6 +309,54 @@ pub fn write_safetensors(path: &Path, graph: &Graph, qm: &QuantizedModel) -> Res
     Ok(bytes.len() as u64)
 }
 
+/// `graph` with every constant a node reads replaced by the fp32 tensor of the same name in
+/// the safetensors file at `path`, as [`write_safetensors`] writes an fp32 cell (a fine-tuned
+/// fp32 control, for example). A missing tensor, or one of another type or shape, is an error
+/// naming the file and the tensor.
+pub fn read_fp32_model(graph: &Graph, path: &Path) -> Result<Graph, String> {
+    use safetensors::tensor::Dtype;
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| format!("{}: not a safetensors file: {e}", path.display()))?;
+    let mut g = graph.clone();
+    let mut used = vec![false; g.value_names.len()];
+    for n in &g.nodes {
+        for &v in &n.inputs {
+            used[v] = true;
+        }
+    }
+    for v in 0..g.value_names.len() {
+        let Some(shape) = g.constants[v].as_ref().map(|t| t.shape.clone()) else {
+            continue;
+        };
+        if !used[v] {
+            continue;
+        }
+        let name = &g.value_names[v];
+        let t = st.tensor(name).map_err(|_| {
+            format!(
+                "{}: no tensor '{name}' (expected the fp32 weights of every layer)",
+                path.display()
+            )
+        })?;
+        if t.dtype() != Dtype::F32 || t.shape() != shape.as_slice() {
+            return Err(format!(
+                "{}: tensor '{name}' is {:?} {:?}, expected F32 {shape:?}",
+                path.display(),
+                t.dtype(),
+                t.shape()
+            ));
+        }
+        let data = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        g.set_constant(v, data)?;
+    }
+    Ok(g)
+}
+
 /// Bytes of a weight's stored form: codes plus parameters (scales, zero points, fractional
 /// bits, codebooks), as [`write_safetensors`] writes them.
 pub fn stored_bytes(s: &Stored) -> u64 {

@@ -595,6 +595,18 @@ impl CellContext<'_> {
                 }
                 let schemes: Vec<WeightScheme> =
                     qm.weights.iter().map(|(_, qw)| qw.scheme.clone()).collect();
+                // distillation: the teacher is the control, fine-tuned (and stored) before
+                let teacher = match &ft.distill {
+                    Some(_) => {
+                        let control = crate::experiment::control_id(&cell.model, ft);
+                        let path = dir.join("models").join(format!("{control}.safetensors"));
+                        Some(
+                            crate::quant::read_fp32_model(graph, &path)
+                                .map_err(|e| format!("cell {}: teacher: {e}", cell.id))?,
+                        )
+                    }
+                    None => None,
+                };
                 let t = crate::train::finetune(&crate::train::FinetuneInput {
                     k,
                     graph,
@@ -603,6 +615,7 @@ impl CellContext<'_> {
                     norm,
                     spec: ft,
                     act: calibrated,
+                    teacher: teacher.as_ref(),
                     seed: exp.seed,
                     threads: eval_opts.threads,
                     progress: eval_opts.progress,

@@ -25,7 +25,7 @@
 //! SGD with momentum and weight decay (weights and centroids, not biases), a cosine or step
 //! learning-rate schedule over all steps with an optional linear warm-up, optional clipping
 //! of the global gradient norm, mean softmax cross-entropy (optionally mixed with knowledge
-//! distillation from the pretrained fp32 model, `distill`). CIFAR-10 images get the usual
+//! distillation from the fine-tuned fp32 control, `distill`). CIFAR-10 images get the usual
 //! augmentation: a random 32x32 crop of the image padded by 4 black pixels, and a horizontal
 //! flip with probability 1/2. Every random choice is seeded by the experiment's seed.
 
@@ -77,14 +77,15 @@ pub struct FinetuneSpec {
     /// fixed and only the centroids train.
     #[serde(default)]
     pub reassign: bool,
-    /// Knowledge distillation from the model the cell starts from (the pretrained fp32 graph):
-    /// the loss mixes the label cross-entropy with the teacher's softened outputs.
+    /// Knowledge distillation from the cell's fp32 control after its fine-tuning: the loss
+    /// mixes the label cross-entropy with the teacher's softened outputs.
     pub distill: Option<Distill>,
 }
 
 /// `distill = { weight, temperature }`: the loss per image is `(1 - weight) x cross-entropy +
 /// weight x T^2 x KL(teacher || student)` with both softmaxes at temperature T (Hinton et al.
-/// 2015). The teacher is the unquantized pretrained model on the same augmented images.
+/// 2015). The teacher is the cell's fp32 control (the pretrained model fine-tuned with the
+/// same budget, without distillation), run on the same augmented images.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Distill {
@@ -193,6 +194,7 @@ impl FinetuneSpec {
         FinetuneSpec {
             learn_scale: false,
             reassign: false,
+            distill: None,
             ..self.clone()
         }
     }
@@ -309,6 +311,8 @@ pub struct FinetuneInput<'a> {
     pub spec: &'a FinetuneSpec,
     /// Quantized activations (fake-quant with these calibrated parameters while training).
     pub act: Option<&'a ActParams>,
+    /// The fp32 teacher of `spec.distill`.
+    pub teacher: Option<&'a Graph>,
     pub seed: u64,
     pub threads: usize,
     pub progress: bool,
@@ -328,6 +332,9 @@ pub fn finetune(inp: &FinetuneInput) -> Result<Trained, String> {
         ));
     }
     let spec = inp.spec;
+    if spec.distill.is_some() && inp.teacher.is_none() {
+        return Err("finetune: distillation needs a teacher model".into());
+    }
     let n = spec.samples.unwrap_or(inp.train.len()).min(inp.train.len());
     if n == 0 {
         return Err("finetune: the training split is empty".into());
@@ -794,10 +801,11 @@ fn batch_gradients(
                     for part in chunk.chunks(piece) {
                         let (x, labels) = make_batch(inp.train, inp.norm, part);
                         // the teacher's logits on the same augmented images
-                        let teacher = match &inp.spec.distill {
-                            Some(_) => autograd::forward(inp.graph, x.clone(), None)?
-                                .swap_remove(inp.graph.output),
-                            None => None,
+                        let teacher = match (&inp.spec.distill, inp.teacher) {
+                            (Some(_), Some(t)) => {
+                                autograd::forward(t, x.clone(), None)?.swap_remove(t.output)
+                            }
+                            _ => None,
                         };
                         let (vals, trace) = match act {
                             Some(params) => {
