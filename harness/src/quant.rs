@@ -325,13 +325,10 @@ pub fn read_fp32_model(graph: &Graph, path: &Path) -> Result<Graph, String> {
             used[v] = true;
         }
     }
-    for v in 0..g.value_names.len() {
+    for (v, _) in used.iter().enumerate().filter(|(_, &u)| u) {
         let Some(shape) = g.constants[v].as_ref().map(|t| t.shape.clone()) else {
             continue;
         };
-        if !used[v] {
-            continue;
-        }
         let name = &g.value_names[v];
         let t = st.tensor(name).map_err(|_| {
             format!(
