@@ -701,7 +701,9 @@ impl CellContext<'_> {
                 hook.as_ref().map(|h| h as &dyn crate::engine::EdgeHook),
             )
             .map_err(|e| format!("cell {}: {e}", cell.id))?;
-            if cell.method == MethodKind::Fp32 {
+            // a fine-tuned fp32 cell runs the same kernels on the same shapes as the fp32
+            // baseline: measured once, on the baseline
+            if cell.method == MethodKind::Fp32 && cell.finetune.is_none() {
                 for &b in &exp.latency.batch_sizes {
                     let ms = measure_latency(&engine, data, norm, b, exp.latency.repetitions)?;
                     cell_latency.push(LatencyRecord {

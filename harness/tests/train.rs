@@ -142,6 +142,9 @@ fn finetuning_recovers_kmeans_accuracy_with_a_control_row_and_is_deterministic()
         km.top1
     );
     assert!(km.train_images_per_s.unwrap() > 0.0);
+    // latency is measured once for fp32: the fine-tuned control runs the same kernels
+    assert!(a.rows[0].latency_ms_b1.is_some());
+    assert_eq!(a.rows[1].latency_ms_b1, None);
     // the stored model keeps 2-bit indices: same size as the untuned cell's file would be
     assert!(km.size_bytes < 90_000, "{}", km.size_bytes);
     // the training log is in the cell record; the loss falls from epoch 1 to 2
