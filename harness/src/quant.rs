@@ -309,6 +309,17 @@ pub fn write_safetensors(path: &Path, graph: &Graph, qm: &QuantizedModel) -> Res
     Ok(bytes.len() as u64)
 }
 
+/// Per value id: whether some node reads it.
+fn read_by_nodes(graph: &Graph) -> Vec<bool> {
+    let mut used = vec![false; graph.value_names.len()];
+    for n in &graph.nodes {
+        for &v in &n.inputs {
+            used[v] = true;
+        }
+    }
+    used
+}
+
 /// `graph` with every constant a node reads replaced by the fp32 tensor of the same name in
 /// the safetensors file at `path`, as [`write_safetensors`] writes an fp32 cell (a fine-tuned
 /// fp32 control, for example). A missing tensor, or one of another type or shape, is an error
@@ -319,13 +330,7 @@ pub fn read_fp32_model(graph: &Graph, path: &Path) -> Result<Graph, String> {
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| format!("{}: not a safetensors file: {e}", path.display()))?;
     let mut g = graph.clone();
-    let mut used = vec![false; g.value_names.len()];
-    for n in &g.nodes {
-        for &v in &n.inputs {
-            used[v] = true;
-        }
-    }
-    for (v, _) in used.iter().enumerate().filter(|(_, &u)| u) {
+    for (v, _) in read_by_nodes(&g).iter().enumerate().filter(|(_, &u)| u) {
         let Some(shape) = g.constants[v].as_ref().map(|t| t.shape.clone()) else {
             continue;
         };
@@ -447,12 +452,7 @@ pub fn safetensors_bytes(graph: &Graph, qm: &QuantizedModel) -> Result<Vec<u8>, 
         }
     }
     // Every other constant the graph reads (biases, shape parameters) in fp32.
-    let mut used = vec![false; graph.value_names.len()];
-    for n in &graph.nodes {
-        for &v in &n.inputs {
-            used[v] = true;
-        }
-    }
+    let used = read_by_nodes(graph);
     for (id, c) in graph.constants.iter().enumerate() {
         if let Some(t) = c {
             if used[id] && !quantized.contains(&id) {
