@@ -939,16 +939,30 @@ fn rows_block<A: ActCode, O: Code>(
 
     let (mr, nr) = (b.mr, b.nr);
     let nc_max = NC.div_ceil(nr) * nr;
+    // codes from the VNNI microkernel with the whole K in one block: requantized in
+    // registers (B's per-column zero points need the i32 block, so they take the tile path)
+    #[cfg(target_arch = "x86_64")]
+    let fused: Option<Fused<O>> = match &mut sink {
+        SinkRows::Codes(out, epi)
+            if b.mk == Microkernel::Avx512VnniDpbusd && b.kp <= KC && !per_channel_zb =>
+        {
+            Some(Fused::new(epi, n, out.as_mut_ptr()))
+        }
+        _ => None,
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let fused: Option<Fused<O>> = None;
     // i32 results go straight to C; codes go through an i32 tile and the epilogue
     let (dest, mut tile) = match &mut sink {
         SinkRows::I32(c) => (c.as_mut_ptr(), Vec::new()),
+        SinkRows::Codes(..) if fused.is_some() => (std::ptr::null_mut(), Vec::new()),
         SinkRows::Codes(..) => {
             // one block: at most MC rows of at most NC columns
             let mut t = vec![0i32; MC.min(m) * nc_max.min(n.div_ceil(nr) * nr)];
             (t.as_mut_ptr(), t)
         }
     };
-    let direct = tile.is_empty();
+    let direct = matches!(sink, SinkRows::I32(_));
     let packs_a = b.mk == Microkernel::Avx2MaddwdI16;
     let mut apack: Vec<u32> = Vec::new();
     for ic in (0..m).step_by(MC) {
@@ -964,6 +978,9 @@ fn rows_block<A: ActCode, O: Code>(
             let block = if direct {
                 // SAFETY: row ic < m, column jc < n of C (m x n).
                 unsafe { dest.add(ic * n + jc) }
+            } else if fused.is_some() {
+                // no i32 destination: the fused tiles write codes
+                std::ptr::null_mut()
             } else {
                 tile.as_mut_ptr()
             };
@@ -1003,8 +1020,12 @@ fn rows_block<A: ActCode, O: Code>(
                             groups,
                             tail,
                             b: bp,
-                            // SAFETY: ir < mc rows, jr < nc columns of the block.
-                            c: unsafe { block.add(ir * ld_dest + jr) },
+                            c: if block.is_null() {
+                                block
+                            } else {
+                                // SAFETY: ir < mc rows, jr < nc columns of the block.
+                                unsafe { block.add(ir * ld_dest + jr) }
+                            },
                             ldc: ld_dest,
                             rows: mr.min(mc - ir),
                             cols: nr.min(nc - jr),
@@ -1029,7 +1050,26 @@ fn rows_block<A: ActCode, O: Code>(
                         // `t` describes in-bounds memory: A rows/columns as above, the B
                         // panel of `kc` codes, a tile of `rows x cols` in the destination,
                         // `rows` row terms and `cols` column terms.
-                        unsafe { call_microkernel(b.mk, A::SIGNED, mr, nr, &t) };
+                        match &fused {
+                            #[cfg(target_arch = "x86_64")]
+                            Some(f) => {
+                                let j = jc + jr;
+                                let e = x86_avx512vnni::TileOutput {
+                                    multiplier: f.multiplier[j..].as_ptr(),
+                                    left: f.left[j..].as_ptr(),
+                                    right: f.right[j..].as_ptr(),
+                                    any_left: f.any_left,
+                                    output: f.output,
+                                    // SAFETY: row ic + ir < m, column j < n of the output.
+                                    out: unsafe { f.out.add((ic + ir) * n + j) } as *mut u8,
+                                    ldo: n,
+                                };
+                                // SAFETY: as for `call_microkernel`; one K block (the
+                                // condition of `fused`), `e` in bounds as above.
+                                unsafe { call_tile_requant::<O>(A::SIGNED, mr, nr, &t, &e) };
+                            }
+                            _ => unsafe { call_microkernel(b.mk, A::SIGNED, mr, nr, &t) },
+                        }
                     }
                 }
             }
@@ -1043,10 +1083,71 @@ fn rows_block<A: ActCode, O: Code>(
                     }
                 }
             }
-            if !direct {
+            if !direct && fused.is_none() {
                 finish_rows(&tile, ic, mc, jc, nc, nc, b, &mut sink);
             }
         }
+    }
+}
+
+/// The fused epilogue's per-column constants for one call of [`rows_block`].
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+struct Fused<'a, O: Code> {
+    multiplier: Vec<i32>,
+    left: Vec<i32>,
+    right: Vec<i32>,
+    any_left: bool,
+    output: &'a RequantOutput,
+    out: *mut O,
+}
+
+impl<'a, O: Code> Fused<'a, O> {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn new(epi: &'a Epilogue, n: usize, out: *mut O) -> Self {
+        let (multiplier, left, right) = match &epi.scale {
+            OutputScale::PerTensor(m) => (
+                vec![m.multiplier; n],
+                vec![m.shift.max(0); n],
+                vec![(-m.shift).max(0); n],
+            ),
+            OutputScale::PerChannel(cm) => {
+                (cm.multiplier.clone(), cm.left.clone(), cm.right.clone())
+            }
+        };
+        let any_left = left.iter().any(|&l| l > 0);
+        Fused {
+            multiplier,
+            left,
+            right,
+            any_left,
+            output: &epi.output,
+            out,
+        }
+    }
+}
+
+/// # Safety
+/// The AVX-512 VNNI microkernel runs on this CPU; `t` and `e` as [`x86_avx512vnni::tile_requant`]
+/// documents.
+#[cfg(target_arch = "x86_64")]
+unsafe fn call_tile_requant<O: Code>(
+    a_signed: bool,
+    mr: usize,
+    nr: usize,
+    t: &Tile,
+    e: &x86_avx512vnni::TileOutput<'_>,
+) {
+    use x86_avx512vnni::tile_requant;
+    match (mr, nr, a_signed) {
+        (12, 16, false) => tile_requant::<12, 1, false, O>(t, e),
+        (12, 16, true) => tile_requant::<12, 1, true, O>(t, e),
+        (8, 32, false) => tile_requant::<8, 2, false, O>(t, e),
+        (8, 32, true) => tile_requant::<8, 2, true, O>(t, e),
+        (8, 48, false) => tile_requant::<8, 3, false, O>(t, e),
+        (8, 48, true) => tile_requant::<8, 3, true, O>(t, e),
+        (6, 64, false) => tile_requant::<6, 4, false, O>(t, e),
+        (6, 64, true) => tile_requant::<6, 4, true, O>(t, e),
+        _ => unreachable!("no avx512vnni tile {mr}x{nr}"),
     }
 }
 

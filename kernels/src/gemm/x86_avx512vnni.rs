@@ -9,6 +9,9 @@
 use std::arch::x86_64::*;
 
 use super::Tile;
+use crate::code::Code;
+use crate::integer_only::x86_avx512::{out_consts, requant16};
+use crate::linear::x86_avx512::{lanes_mask, store16};
 
 /// The first `n < 4` bytes at `p`, zero-extended, broadcast to every lane (a masked load:
 /// the bytes past `n` are never read).
@@ -129,6 +132,76 @@ pub unsafe fn tile<const MR: usize, const NV: usize, const SIGNED_A: bool>(t: &T
                 x = _mm512_add_epi32(x, add);
             }
             _mm512_mask_storeu_epi32(p, mask, x);
+        }
+    }
+}
+
+/// The requantization of a tile in registers (the fused epilogue of `gemm_requantize` and
+/// `conv_requantize` when the whole K fits one block): per-column multipliers from the tile's
+/// first column on, and where the tile's codes go.
+pub(crate) struct TileOutput<'a> {
+    pub multiplier: *const i32,
+    pub left: *const i32,
+    pub right: *const i32,
+    /// Any left shift among the tile's columns (selects the saturating-shift variant).
+    pub any_left: bool,
+    pub output: &'a crate::integer_only::RequantOutput,
+    /// The tile's top-left output code and the row stride in codes.
+    pub out: *mut u8,
+    pub ldo: usize,
+}
+
+/// [`tile`] followed by the requantization epilogue in registers: the accumulators plus
+/// the row and column terms go through the same 16-lane requantization as
+/// `requantize_per_channel` and are stored as codes of `O`, with no i32 round trip through
+/// memory. For one K block only (`t.accumulate == false`, `t.last == true`).
+///
+/// # Safety
+/// As [`tile`]; `e` points at `t.cols` multipliers and shifts and at a `t.rows x t.cols`
+/// block of `O` codes with row stride `e.ldo`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn tile_requant<const MR: usize, const NV: usize, const SIGNED_A: bool, O: Code>(
+    t: &Tile,
+    e: &TileOutput<'_>,
+) {
+    debug_assert!(!t.accumulate && t.last);
+    let mut acc = [[_mm512_setzero_si512(); NV]; MR];
+    products::<MR, NV, SIGNED_A>(t, &mut acc);
+    if e.any_left {
+        epilogue::<MR, NV, O, true>(t, e, &acc)
+    } else {
+        epilogue::<MR, NV, O, false>(t, e, &acc)
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[allow(clippy::needless_range_loop)] // constant indices keep `acc` in registers
+unsafe fn epilogue<const MR: usize, const NV: usize, O: Code, const LEFT: bool>(
+    t: &Tile,
+    e: &TileOutput<'_>,
+    acc: &[[__m512i; NV]; MR],
+) {
+    let oc = out_consts(e.output);
+    let out = e.out as *mut O;
+    for v in 0..NV {
+        let col = 16 * v;
+        if col >= t.cols {
+            break;
+        }
+        let mask = lanes_mask(t.cols - col);
+        let m = _mm512_maskz_loadu_epi32(mask, e.multiplier.add(col));
+        let l = _mm512_maskz_loadu_epi32(mask, e.left.add(col));
+        let r = _mm512_maskz_loadu_epi32(mask, e.right.add(col));
+        let cadd = _mm512_maskz_loadu_epi32(mask, t.col_add.add(col));
+        for i in 0..MR {
+            if i >= t.rows {
+                break;
+            }
+            let x = _mm512_add_epi32(acc[i][v], cadd);
+            let x = _mm512_add_epi32(x, _mm512_set1_epi32(*t.row_add.add(i)));
+            let q = requant16::<LEFT>(x, m, l, r, &oc);
+            store16(out.add(i * e.ldo + col), q, mask);
         }
     }
 }

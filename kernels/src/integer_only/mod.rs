@@ -10,7 +10,7 @@ pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86_avx2;
 #[cfg(target_arch = "x86_64")]
-mod x86_avx512;
+pub(crate) mod x86_avx512;
 
 use crate::code::Code;
 use crate::error::{check_len, KernelError};

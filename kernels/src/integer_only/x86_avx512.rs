@@ -6,7 +6,7 @@ use super::{ChannelMultipliers, Multiplier, RequantOutput};
 use crate::code::Code;
 use crate::linear::x86_avx512::{lanes_mask, store16, store64};
 
-struct Out {
+pub(crate) struct Out {
     lo: __m512i,
     hi: __m512i,
     zp: __m512i,
@@ -14,7 +14,7 @@ struct Out {
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn out_consts(o: &RequantOutput) -> Out {
+pub(crate) unsafe fn out_consts(o: &RequantOutput) -> Out {
     Out {
         lo: _mm512_set1_epi32(o.act_min - o.zero_point),
         hi: _mm512_set1_epi32(o.act_max - o.zero_point),
@@ -26,7 +26,7 @@ unsafe fn out_consts(o: &RequantOutput) -> Out {
 /// per-lane multiplier `m` (>= 0), left shift `l` and right shift `r`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn requant16<const LEFT: bool>(
+pub(crate) unsafe fn requant16<const LEFT: bool>(
     x: __m512i,
     m: __m512i,
     l: __m512i,
