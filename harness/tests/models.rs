@@ -188,6 +188,45 @@ fn resnet20_integer_only_matches_its_fake_quant_simulation() {
 }
 
 #[test]
+fn integer_only_gives_the_same_logits_for_any_batch_and_run_order() {
+    // the int8 engine reuses its activation buffers across steps and runs (stale contents,
+    // never zeroed): a step that left part of its output unwritten would show here as
+    // logits that depend on what ran before
+    use quantbench::calib::CalibRequest;
+    use quantbench::engine::int8;
+    use quantbench::experiment::{ActEdges, CalibMethod};
+    use quantbench_kernels::Kernels;
+    let root = root();
+    let g = Graph::load(&root.join("models/resnet20/resnet20.onnx")).unwrap();
+    let norm = DatasetKind::Cifar10.default_normalization();
+    let mut calib = Dataset::load(&root, DatasetKind::Cifar10, Split::Train).unwrap();
+    calib.truncate(64);
+    let test = Dataset::load(&root, DatasetKind::Cifar10, Split::Test).unwrap();
+    let req = CalibRequest {
+        bits: 8,
+        method: CalibMethod::Minmax,
+        percentile: 99.99,
+        edges: ActEdges::All,
+    };
+    let model = int8::build(&Kernels::active(), &g, &calib, &norm, &quiet(), req).unwrap();
+    let first = model.run(test.batch(0..6, &norm)).unwrap();
+    assert_eq!(first.shape, vec![6, 10]);
+    // other images in between leave other codes in the reused buffers
+    model.run(test.batch(100..164, &norm)).unwrap();
+    let again = model.run(test.batch(0..6, &norm)).unwrap();
+    assert_eq!(first.data, again.data, "a second run of the same batch");
+    for i in 0..6 {
+        model.run(test.batch(200 + i..203 + i, &norm)).unwrap();
+        let one = model.run(test.batch(i..i + 1, &norm)).unwrap();
+        assert_eq!(
+            one.data[..],
+            first.data[i * 10..(i + 1) * 10],
+            "image {i} alone and in the batch"
+        );
+    }
+}
+
+#[test]
 fn integer_only_names_the_node_it_cannot_run() {
     use quantbench::calib::CalibRequest;
     use quantbench::engine::int8;

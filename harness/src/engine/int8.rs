@@ -641,12 +641,19 @@ impl Int8Model {
         // quantize (the kernels' rounding, as in the simulation) and transpose to NHWC
         let q = self.input;
         let qp = QuantParams::new(q.scale, q.zero_point, 0, 255).map_err(|e| e.to_string())?;
-        let mut nchw = vec![0u8; input.len()];
+        // buffers live per thread across runs: fresh ones cost zeroing and page faults
+        thread_local! {
+            static BUFFERS: std::cell::RefCell<Buffers> = const {
+                std::cell::RefCell::new(Buffers { scratch: Vec::new(), free: Vec::new() })
+            };
+        }
+        let mut bufs = BUFFERS.with(|b| std::mem::take(&mut *b.borrow_mut()));
+        let mut nchw = bufs.take(input.len());
         self.kernels
             .quantize(&input.data, &qp, &mut nchw)
             .map_err(|e| e.to_string())?;
         let hw = h * w;
-        let mut data = vec![0u8; input.len()];
+        let mut data = bufs.take(input.len());
         for ni in 0..n {
             let src = &nchw[ni * c * hw..(ni + 1) * c * hw];
             let dst = &mut data[ni * c * hw..(ni + 1) * c * hw];
@@ -660,22 +667,20 @@ impl Int8Model {
             dims: [n, h, w, c],
             data,
         });
-        // the im2col buffer lives per thread across runs: a fresh one costs page faults
-        thread_local! {
-            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
-        let mut scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        bufs.give(nchw);
         for (si, step) in self.steps.iter().enumerate() {
-            let out = self.exec(step, &slots, &mut scratch)?;
+            let out = self.exec(step, &slots, &mut bufs)?;
             let dst = step.dst();
             slots[dst] = out;
             for v in step.inputs() {
                 if self.last_use[v] == si {
-                    slots[v] = Slot::Empty;
+                    if let Slot::Codes(a) = std::mem::replace(&mut slots[v], Slot::Empty) {
+                        bufs.give(a.data);
+                    }
                 }
             }
         }
-        SCRATCH.with(|s| *s.borrow_mut() = scratch);
+        BUFFERS.with(|b| *b.borrow_mut() = bufs);
         match std::mem::replace(&mut slots[self.output], Slot::Empty) {
             Slot::Float(t) => Ok(t),
             Slot::Flat(n, f, d) => {
@@ -706,7 +711,7 @@ impl Int8Model {
         }
     }
 
-    fn exec(&self, step: &Step, slots: &[Slot], scratch: &mut Vec<u8>) -> Result<Slot, String> {
+    fn exec(&self, step: &Step, slots: &[Slot], bufs: &mut Buffers) -> Result<Slot, String> {
         let codes = |v: usize| -> Result<&Act, String> {
             match &slots[v] {
                 Slot::Codes(a) => Ok(a),
@@ -728,6 +733,7 @@ impl Int8Model {
                     ));
                 }
                 let ([oh, ow], pads) = cs.window.output(h, w)?;
+                let mut out = bufs.take(n * oh * ow * cs.cout);
                 // the input padded with its zero point (a plain copy when there is no padding),
                 // then the convolution as an implicit GEMM over it
                 let unpadded = pads == [0; 4];
@@ -735,12 +741,12 @@ impl Int8Model {
                 let cp = c.next_multiple_of(4);
                 let unpadded = unpadded && cp == c;
                 if !unpadded {
-                    pad_nhwc(x, pads, cp, cs.zp_in as u8, scratch);
+                    pad_nhwc(x, pads, cp, cs.zp_in as u8, &mut bufs.scratch);
                 }
                 let xp: &[u8] = if unpadded {
                     &x.data
                 } else {
-                    &scratch[..n * hp * wp * cp]
+                    &bufs.scratch[..n * hp * wp * cp]
                 };
                 let geo = ConvGeometry {
                     batch: n,
@@ -757,7 +763,6 @@ impl Int8Model {
                         geo.output()
                     ));
                 }
-                let mut out = vec![0u8; n * oh * ow * cs.cout];
                 conv_requantize(xp, &geo, cs.zp_in, &cs.packed, &cs.epi, &mut out, 1)
                     .map_err(|e| e.to_string())?;
                 Slot::Codes(Act {
@@ -773,7 +778,7 @@ impl Int8Model {
                         xa.dims, xb.dims
                     ));
                 }
-                let mut out = vec![0u8; xa.data.len()];
+                let mut out = bufs.take(xa.data.len());
                 k.add_requantize(&xa.data, &xb.data, params, &mut out)
                     .map_err(|e| e.to_string())?;
                 Slot::Codes(Act {
@@ -1041,23 +1046,67 @@ fn fc_step(
 
 /// `x` padded by `[top, left, bottom, right]` pixels, and from `c` to `cp >= c` channels, with
 /// code `fill` into `out` (NHWC; `out` is reused across layers).
+/// Activation buffers reused across steps and runs. Every buffer handed out is overwritten
+/// in full by the step that takes it, so its old contents never matter.
+#[derive(Default)]
+struct Buffers {
+    /// The zero-point-padded input of the current convolution.
+    scratch: Vec<u8>,
+    /// Buffers of values no later step reads.
+    free: Vec<Vec<u8>>,
+}
+
+impl Buffers {
+    /// A buffer of `len` bytes (old contents; zeros only where it had to grow).
+    fn take(&mut self, len: usize) -> Vec<u8> {
+        let best = (self.free.iter().enumerate())
+            .filter(|(_, v)| v.capacity() >= len)
+            .min_by_key(|(_, v)| v.capacity())
+            .map(|(i, _)| i);
+        let mut v = best.map_or_else(Vec::new, |i| self.free.swap_remove(i));
+        if v.len() >= len {
+            v.truncate(len);
+        } else {
+            v.resize(len, 0);
+        }
+        v
+    }
+
+    fn give(&mut self, v: Vec<u8>) {
+        // a handful covers a residual network's live values; more would only hold memory
+        if self.free.len() < 8 {
+            self.free.push(v);
+        }
+    }
+}
+
 fn pad_nhwc(x: &Act, pads: [usize; 4], cp: usize, fill: u8, out: &mut Vec<u8>) {
     let [n, h, w, c] = x.dims;
     let (hp, wp) = (h + pads[0] + pads[2], w + pads[1] + pads[3]);
     let len = n * hp * wp * cp;
-    out.clear();
     out.resize(len, fill);
+    out.truncate(len);
     let row = w * c;
+    let line = wp * cp;
     for ni in 0..n {
+        let image = &mut out[ni * hp * line..(ni + 1) * hp * line];
+        // the border (and the padding channels) take the fill, the interior the input: every
+        // byte is written, so the buffer's old contents never show
+        image[..pads[0] * line].fill(fill);
+        image[(pads[0] + h) * line..].fill(fill);
         for y in 0..h {
-            let dst = ((ni * hp + y + pads[0]) * wp + pads[1]) * cp;
-            let src = (ni * h + y) * row;
+            let at = (y + pads[0]) * line;
+            let dst = &mut image[at..at + line];
+            dst[..pads[1] * cp].fill(fill);
+            dst[(pads[1] + w) * cp..].fill(fill);
+            let inner = &mut dst[pads[1] * cp..(pads[1] + w) * cp];
+            let src = &x.data[(ni * h + y) * row..(ni * h + y + 1) * row];
             if cp == c {
-                out[dst..dst + row].copy_from_slice(&x.data[src..src + row]);
+                inner.copy_from_slice(src);
             } else {
-                for xx in 0..w {
-                    out[dst + xx * cp..dst + xx * cp + c]
-                        .copy_from_slice(&x.data[src + xx * c..src + (xx + 1) * c]);
+                for (d, s) in inner.chunks_exact_mut(cp).zip(src.chunks_exact(c)) {
+                    d[..c].copy_from_slice(s);
+                    d[c..].fill(fill);
                 }
             }
         }
