@@ -325,6 +325,8 @@ fn convolution_matches_im2col_then_gemm_on_every_microkernel() {
         (2, 9, 11, 8, [3, 2], [1, 2], [2, 1], 24),
         (1, 8, 8, 64, [1, 1], [1, 1], [1, 1], 64),
         (3, 10, 10, 12, [3, 3], [1, 1], [1, 2], 20),
+        // enough work (m n k >= 2^23) that 2 threads really split the rows
+        (4, 34, 34, 16, [3, 3], [1, 1], [1, 1], 64),
     ];
     for (batch, h, w, c, kernel, strides, dilations, n) in cases {
         let geo = ConvGeometry {

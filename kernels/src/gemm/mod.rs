@@ -469,14 +469,19 @@ pub(crate) struct Tile {
     pub row_add: *const i32,
     pub col_add: *const i32,
     /// Segmented A (implicit im2col): when not null, row `i` starts at `a + row_offsets[i]`
-    /// and is `segs` runs of `groups / segs` groups, run `s` at `+ s * seg_stride` bytes.
-    /// Null: row `i` is `a + i * lda`, one run.
+    /// and is `segs` runs of `groups / segs` groups, run `s` at `+ s * seg_stride` bytes;
+    /// `MR_MAX` offsets are readable (rows past the last repeat it), so the microkernel
+    /// reads a whole tile's offsets without clamping. Null: row `i` is `a + i * lda`, one run.
     pub row_offsets: *const usize,
     pub segs: usize,
     pub seg_stride: usize,
+    /// `groups / segs`, the groups of one run (divided once per call, not per tile).
+    pub seg_groups: usize,
 }
 
 const MC: usize = 240;
+/// The tallest register tile of any microkernel.
+const MR_MAX: usize = 12;
 const NC: usize = 512;
 const KC: usize = 1024;
 
@@ -720,7 +725,7 @@ pub fn conv_requantize<A: ActCode, O: Code>(
         return Ok(());
     }
     let (h, w, c) = (geo.height, geo.width, geo.channels);
-    let mut offsets = Vec::with_capacity(m);
+    let mut offsets = Vec::with_capacity(m + MR_MAX);
     for ni in 0..geo.batch {
         for oy in 0..oh {
             for ox in 0..ow {
@@ -728,6 +733,9 @@ pub fn conv_requantize<A: ActCode, O: Code>(
             }
         }
     }
+    // a tile's rows past the last read the last row again (see `Tile::row_offsets`)
+    let last = offsets.last().copied().unwrap_or(0);
+    offsets.resize(m + MR_MAX, last);
     // SAFETY: ActCode types are one byte wide.
     let bytes = unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, x.len()) };
     let src = ASrc::Segmented {
@@ -746,7 +754,8 @@ enum ASrc<'a> {
     /// `m` rows of `k` bytes.
     Dense(&'a [u8]),
     /// Implicit im2col: row `r` is `segs` runs of `k / segs` bytes in `x`, run `s` at
-    /// `offsets[r] + s * seg_stride` (only for the VNNI microkernel, single K block).
+    /// `offsets[r] + s * seg_stride` (only for the VNNI microkernel, single K block);
+    /// `offsets` runs `MR_MAX` entries past the last row (copies of it).
     Segmented {
         x: &'a [u8],
         offsets: &'a [usize],
@@ -767,7 +776,8 @@ impl<'a> ASrc<'a> {
                 seg_stride,
             } => ASrc::Segmented {
                 x,
-                offsets: &offsets[r0..r0 + rows],
+                // the rows and the padding after them (later rows serve as padding)
+                offsets: &offsets[r0..r0 + rows + MR_MAX],
                 segs,
                 seg_stride,
             },
@@ -902,7 +912,7 @@ fn rows_block<A: ActCode, O: Code>(
             offsets,
             segs,
             seg_stride,
-        } => offsets
+        } => offsets[..m]
             .iter()
             .map(|&o| {
                 (0..segs)
@@ -938,6 +948,7 @@ fn rows_block<A: ActCode, O: Code>(
     };
 
     let (mr, nr) = (b.mr, b.nr);
+    debug_assert!(mr <= MR_MAX, "segmented sources pad MR_MAX offsets");
     let nc_max = NC.div_ceil(nr) * nr;
     // codes from the VNNI microkernel with the whole K in one block: requantized in
     // registers (B's per-column zero points need the i32 block, so they take the tile path)
@@ -964,6 +975,12 @@ fn rows_block<A: ActCode, O: Code>(
     };
     let direct = matches!(sink, SinkRows::I32(_));
     let packs_a = b.mk == Microkernel::Avx2MaddwdI16;
+    // divisions hoisted out of the tile loops
+    let all_groups = k / b.mk.k_group();
+    let run_groups = match src {
+        ASrc::Segmented { segs, .. } => all_groups / segs,
+        ASrc::Dense(_) => 0,
+    };
     let mut apack: Vec<u32> = Vec::new();
     for ic in (0..m).step_by(MC) {
         let mc = MC.min(m - ic);
@@ -994,7 +1011,7 @@ fn rows_block<A: ActCode, O: Code>(
                     for ir in (0..mc).step_by(mr) {
                         let (a_ptr, lda, groups, tail) = if let ASrc::Segmented { x, .. } = src {
                             // one K block (checked by the caller): all groups, no tail
-                            (x.as_ptr(), 0, k / g, 0)
+                            (x.as_ptr(), 0, all_groups, 0)
                         } else if packs_a {
                             // packed A: [MR block][k pair][MR] u32, pairs of i16
                             let off = (ir / mr) * (b.kp / 2) * mr + (pc / 2) * mr;
@@ -1044,6 +1061,10 @@ fn rows_block<A: ActCode, O: Code>(
                             seg_stride: match src {
                                 ASrc::Segmented { seg_stride, .. } => seg_stride,
                                 ASrc::Dense(_) => 0,
+                            },
+                            seg_groups: match src {
+                                ASrc::Segmented { .. } => run_groups,
+                                ASrc::Dense(_) => groups,
                             },
                         };
                         // SAFETY: the microkernel is supported (checked when B was packed);

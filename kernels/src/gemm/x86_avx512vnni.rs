@@ -32,17 +32,20 @@ unsafe fn products<const MR: usize, const NV: usize, const SIGNED_A: bool>(
 ) {
     let mut acc = [[_mm512_setzero_si512(); NV]; MR];
     let mut rows = [t.a; MR];
-    for (i, r) in rows.iter_mut().enumerate() {
-        let i = i.min(t.rows - 1);
-        *r = if t.row_offsets.is_null() {
-            t.a.add(i * t.lda)
-        } else {
-            t.a.add(*t.row_offsets.add(i))
-        };
+    if t.row_offsets.is_null() {
+        for (i, r) in rows.iter_mut().enumerate() {
+            *r = t.a.add(i.min(t.rows - 1) * t.lda);
+        }
+    } else {
+        // MR offsets are readable (padded past the last row): plain loads, no clamping
+        // (with the clamped index LLVM gathered them)
+        for (i, r) in rows.iter_mut().enumerate() {
+            *r = t.a.add(*t.row_offsets.add(i));
+        }
     }
     let mut b = t.b;
     // segmented rows (implicit im2col): `segs` runs of `per` groups; dense rows: one run
-    let per = t.groups / t.segs;
+    let per = t.seg_groups;
     let mut g = 0;
     for seg in 0..t.segs {
         for w in 0..per {
