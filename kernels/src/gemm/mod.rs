@@ -724,8 +724,40 @@ pub fn conv_requantize<A: ActCode, O: Code>(
         run::<A, O>(&a, m, a_zero_point, b, Sink::Codes { out, epi }, threads);
         return Ok(());
     }
+    // the row offsets depend on the geometry only: a network's consecutive layers of one
+    // shape reuse them (building them took ~6 % of a 16-channel ResNet-20 layer)
+    thread_local! {
+        static OFFSETS: std::cell::RefCell<(Option<ConvGeometry>, Vec<usize>)> =
+            const { std::cell::RefCell::new((None, Vec::new())) };
+    }
+    let (w, c) = (geo.width, geo.channels);
+    OFFSETS.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        let (key, offsets) = &mut *cache;
+        if *key != Some(*geo) {
+            *key = None;
+            conv_row_offsets(geo, oh, ow, offsets);
+            *key = Some(*geo);
+        }
+        // SAFETY: ActCode types are one byte wide.
+        let bytes = unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, x.len()) };
+        let src = ASrc::Segmented {
+            x: bytes,
+            offsets,
+            segs: geo.kernel[0],
+            seg_stride: geo.dilations[0] * w * c,
+        };
+        run_src::<A, O>(src, m, a_zero_point, b, Sink::Codes { out, epi }, threads);
+    });
+    Ok(())
+}
+
+/// The byte offset of each output pixel's receptive field in the padded NHWC input, then
+/// `MR_MAX` copies of the last one (a tile's rows past the last read it again, see
+/// `Tile::row_offsets`).
+fn conv_row_offsets(geo: &ConvGeometry, oh: usize, ow: usize, offsets: &mut Vec<usize>) {
     let (h, w, c) = (geo.height, geo.width, geo.channels);
-    let mut offsets = Vec::with_capacity(m + MR_MAX);
+    offsets.clear();
     for ni in 0..geo.batch {
         for oy in 0..oh {
             for ox in 0..ow {
@@ -733,19 +765,8 @@ pub fn conv_requantize<A: ActCode, O: Code>(
             }
         }
     }
-    // a tile's rows past the last read the last row again (see `Tile::row_offsets`)
     let last = offsets.last().copied().unwrap_or(0);
-    offsets.resize(m + MR_MAX, last);
-    // SAFETY: ActCode types are one byte wide.
-    let bytes = unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, x.len()) };
-    let src = ASrc::Segmented {
-        x: bytes,
-        offsets: &offsets,
-        segs: geo.kernel[0],
-        seg_stride: geo.dilations[0] * w * c,
-    };
-    run_src::<A, O>(src, m, a_zero_point, b, Sink::Codes { out, epi }, threads);
-    Ok(())
+    offsets.resize(offsets.len() + MR_MAX, last);
 }
 
 /// Where A's rows are.
