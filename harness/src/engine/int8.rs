@@ -1044,8 +1044,6 @@ fn fc_step(
     ))
 }
 
-/// `x` padded by `[top, left, bottom, right]` pixels, and from `c` to `cp >= c` channels, with
-/// code `fill` into `out` (NHWC; `out` is reused across layers).
 /// Activation buffers reused across steps and runs. Every buffer handed out is overwritten
 /// in full by the step that takes it, so its old contents never matter.
 #[derive(Default)]
@@ -1080,6 +1078,8 @@ impl Buffers {
     }
 }
 
+/// `x` padded by `[top, left, bottom, right]` pixels, and from `c` to `cp >= c` channels, with
+/// code `fill` into `out` (NHWC; `out` is reused across layers).
 fn pad_nhwc(x: &Act, pads: [usize; 4], cp: usize, fill: u8, out: &mut Vec<u8>) {
     let [n, h, w, c] = x.dims;
     let (hp, wp) = (h + pads[0] + pads[2], w + pads[1] + pads[3]);
