@@ -201,14 +201,74 @@ pub fn gemm_packed(
     }
 }
 
-/// Direct convolution for stride 1 and output rows of at least 8 positions: no im2col. The
-/// input image is copied once into a zero-padded buffer; each micro-kernel call computes 8
-/// output channels x two runs of up to 16 consecutive positions of one output row each, and
-/// reads the receptive field of every tap k straight from the padded image at the offset
-/// `offs[k]` (channel plane, row and column of the tap). Same bias-then-FMA order per output as
-/// the GEMM path and the scalar specification.
-pub fn direct_applies(win: &Window, ow: usize) -> bool {
-    win.strides == [1, 1] && ow >= 8
+/// Direct convolution for stride 1: no im2col. The input image is copied once into a
+/// zero-padded buffer of row pitch `wp`; each micro-kernel call computes 8 output channels x
+/// two vectors of 16 lanes, and reads the receptive field of every tap k straight from the
+/// padded image at the offset `offs[k]` (channel plane, row and column of the tap).
+///
+/// A vector covers 16 consecutive positions of the padded image, `q = oy * wp + ox`, and a
+/// lane mask says which of them are outputs (`ox < ow`). Two layouts of the vectors:
+/// - runs: up to 16 positions within one output row (rows of 16 or 32 fill every lane);
+/// - pitch: the vectors tile `q` without regard to rows, so one vector spans row ends; the
+///   lanes of the `wp - ow` padding columns are masked off (an 8-wide row then fills 80 % of
+///   the lanes instead of 50 %).
+///
+/// The layout with more useful lanes is used. The valid lanes of a vector are outputs at
+/// consecutive indices of the row-major output, so the kernel compresses them and stores
+/// them as one run. Same bias-then-FMA order per output as the GEMM path and the scalar
+/// specification.
+pub fn direct_applies(win: &Window) -> bool {
+    win.strides == [1, 1]
+}
+
+/// One vector of the direct kernel: padded-image base position, lane mask, output index of
+/// its first valid lane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lanes {
+    pub base: usize,
+    pub mask: u16,
+    pub at: usize,
+}
+
+/// The vectors covering an `oh x ow` output on a padded image of row pitch `wp` (see
+/// [`conv_direct`]); runs or pitch layout, whichever has fewer empty lanes.
+pub fn direct_lanes(oh: usize, ow: usize, wp: usize) -> Vec<Lanes> {
+    let runs_per_row = ow.div_ceil(16);
+    let mut out = Vec::new();
+    // Lanes spent: runs 16 * runs_per_row per row; pitch about wp per row.
+    if runs_per_row * 16 <= wp {
+        for oy in 0..oh {
+            let mut ox = 0;
+            while ox < ow {
+                let len = (ow - ox).min(16);
+                out.push(Lanes {
+                    base: oy * wp + ox,
+                    mask: ((1u32 << len) - 1) as u16,
+                    at: oy * ow + ox,
+                });
+                ox += len;
+            }
+        }
+        return out;
+    }
+    let end = (oh - 1) * wp + ow;
+    let mut q0 = 0;
+    while q0 < end {
+        let mut mask = 0u16;
+        let mut at = None;
+        for j in 0..16 {
+            let q = q0 + j;
+            if q < end && q % wp < ow {
+                mask |= 1 << j;
+                at.get_or_insert((q / wp) * ow + q % wp);
+            }
+        }
+        if let Some(at) = at {
+            out.push(Lanes { base: q0, mask, at });
+        }
+        q0 += 16;
+    }
+    out
 }
 
 /// `x`: one image `[cg, h, w]` (channels of one group); `out`: its `[M, oh * ow]` output rows
@@ -251,26 +311,17 @@ pub fn conv_direct(
         }
     }
     debug_assert_eq!(offs.len(), pw.k);
-    // Runs of up to 16 positions within one output row, taken two at a time.
-    let mut runs: Vec<(usize, usize, usize)> = Vec::new(); // (oy, ox0, len)
-    for oy in 0..oh {
-        let mut ox = 0;
-        while ox < ow {
-            let len = (ow - ox).min(16);
-            runs.push((oy, ox, len));
-            ox += len;
-        }
-    }
-    // The furthest tap of a run must stay inside the padded buffer: it does, since
-    // (oy + (kh-1)dh) < hp and ox0 + len - 1 + (kw-1)dw < wp for a valid output.
+    // Every valid lane reads inside `padded`: (oy + (kh-1)dh) < hp and ox + (kw-1)dw < wp
+    // for a valid output; masked-off lanes are not read.
+    let vectors = direct_lanes(oh, ow, wp);
     let zeros = [0.0f32; MR];
-    for pair in runs.chunks(2) {
-        let (oy0, ox0, n0) = pair[0];
-        let (oy1, ox1, n1) = pair.get(1).copied().unwrap_or((oy0, ox0, 0));
-        let base0 = oy0 * wp + ox0;
-        let base1 = oy1 * wp + ox1;
-        let o0 = oy0 * ow + ox0;
-        let o1 = oy1 * ow + ox1;
+    const NONE: Lanes = Lanes {
+        base: 0,
+        mask: 0,
+        at: 0,
+    };
+    for pair in vectors.chunks(2) {
+        let v = [pair[0], pair.get(1).copied().unwrap_or(NONE)];
         for tile in 0..pw.m / MR {
             let a = &pw.data[tile * pw.k * MR..(tile + 1) * pw.k * MR];
             let bt: &[f32] = match bias {
@@ -280,63 +331,40 @@ pub fn conv_direct(
             let rows = tile * MR * ldc;
             #[cfg(target_arch = "x86_64")]
             if avx512 {
-                // SAFETY: AVX-512F checked by the caller; every load is inside `padded` (see
-                // above, masked to n0 / n1 lanes) and every store inside `out`.
-                unsafe {
-                    x86::kernel_8x2x16_indirect(
-                        a,
-                        &offs,
-                        padded,
-                        base0,
-                        base1,
-                        n0,
-                        n1,
-                        bt,
-                        out,
-                        rows + o0,
-                        rows + o1,
-                        ldc,
-                    )
-                };
+                // SAFETY: AVX-512F checked by the caller; every unmasked load is inside
+                // `padded` (see above) and every store inside `out` (`at` + popcount of the
+                // mask <= oh * ow, 8 rows at stride ldc).
+                unsafe { x86::kernel_8x2x16_indirect(a, &offs, padded, v, bt, out, rows, ldc) };
                 continue;
             }
             let _ = avx512;
-            kernel_8x2x16_indirect_scalar(
-                a,
-                &offs,
-                padded,
-                [base0, base1],
-                [n0, n1],
-                bt,
-                out,
-                [rows + o0, rows + o1],
-                ldc,
-            );
+            kernel_8x2x16_indirect_scalar(a, &offs, padded, v, bt, out, rows, ldc);
         }
     }
 }
 
-/// Specification of the direct micro-kernel.
+/// Specification of the direct micro-kernel: for each vector and each of its valid lanes in
+/// order, one output (bias, then `mul_add` in k order) at the next output index from `at`.
 #[allow(clippy::too_many_arguments)]
 pub fn kernel_8x2x16_indirect_scalar(
     a: &[f32],
     offs: &[usize],
     x: &[f32],
-    base: [usize; 2],
-    len: [usize; 2],
+    v: [Lanes; 2],
     bias: &[f32],
     out: &mut [f32],
-    at: [usize; 2],
+    rows: usize,
     ldc: usize,
 ) {
-    for half in 0..2 {
+    for half in v {
         for r in 0..MR {
-            for j in 0..len[half] {
+            let valid = (0..16).filter(|j| half.mask >> j & 1 == 1);
+            for (at, j) in (rows + r * ldc + half.at..).zip(valid) {
                 let mut acc = bias[r];
                 for (kk, &o) in offs.iter().enumerate() {
-                    acc = a[kk * MR + r].mul_add(x[base[half] + o + j], acc);
+                    acc = a[kk * MR + r].mul_add(x[half.base + o + j], acc);
                 }
-                out[at[half] + r * ldc + j] = acc;
+                out[at] = acc;
             }
         }
     }
@@ -426,39 +454,27 @@ mod x86 {
         }
     }
 
-    fn lanes(n: usize) -> __mmask16 {
-        if n >= 16 {
-            0xffff
-        } else {
-            ((1u32 << n) - 1) as u16
-        }
-    }
-
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn kernel_8x2x16_indirect(
         a: &[f32],
         offs: &[usize],
         x: &[f32],
-        base0: usize,
-        base1: usize,
-        n0: usize,
-        n1: usize,
+        v: [super::Lanes; 2],
         bias: &[f32],
         out: &mut [f32],
-        at0: usize,
-        at1: usize,
+        rows: usize,
         ldc: usize,
     ) {
-        let (m0, m1) = (lanes(n0), lanes(n1));
+        let (m0, m1) = (v[0].mask, v[1].mask);
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         for r in 0..MR {
-            let v = _mm512_set1_ps(bias[r]);
-            acc[r] = [v, v];
+            let b = _mm512_set1_ps(bias[r]);
+            acc[r] = [b, b];
         }
         let xp = x.as_ptr();
-        let p0 = xp.add(base0);
-        let p1 = xp.add(base1);
+        let p0 = xp.add(v[0].base);
+        let p1 = xp.add(v[1].base);
         let mut ap = a.as_ptr();
         for &o in offs {
             let b0 = _mm512_maskz_loadu_ps(m0, p0.add(o));
@@ -470,10 +486,14 @@ mod x86 {
             }
             ap = ap.add(MR);
         }
-        let op = out.as_mut_ptr();
+        // The valid lanes, packed to the low end, are consecutive outputs.
+        let s0 = ((1u32 << m0.count_ones()) - 1) as u16;
+        let s1 = ((1u32 << m1.count_ones()) - 1) as u16;
+        let op = out.as_mut_ptr().add(rows);
         for (r, pair) in acc.iter().enumerate() {
-            _mm512_mask_storeu_ps(op.add(at0 + r * ldc), m0, pair[0]);
-            _mm512_mask_storeu_ps(op.add(at1 + r * ldc), m1, pair[1]);
+            let row = op.add(r * ldc);
+            _mm512_mask_storeu_ps(row.add(v[0].at), s0, _mm512_maskz_compress_ps(m0, pair[0]));
+            _mm512_mask_storeu_ps(row.add(v[1].at), s1, _mm512_maskz_compress_ps(m1, pair[1]));
         }
     }
 }
@@ -548,6 +568,35 @@ mod tests {
     }
 
     #[test]
+    fn direct_lanes_cover_every_output_once_in_order() {
+        let mut pitch_seen = false;
+        for (oh, ow, wp) in [
+            (32, 32, 34),
+            (8, 8, 10),
+            (9, 21, 23),
+            (1, 1, 3),
+            (5, 16, 16),
+            (7, 3, 5),
+        ] {
+            let v = direct_lanes(oh, ow, wp);
+            pitch_seen |= v.iter().any(|l| l.base % wp + 16 > wp);
+            let mut next = 0;
+            for l in &v {
+                assert_ne!(l.mask, 0, "empty vector for {oh}x{ow} pitch {wp}");
+                assert_eq!(l.at, next, "{oh}x{ow} pitch {wp}: outputs out of order");
+                for j in (0..16).filter(|j| l.mask >> j & 1 == 1) {
+                    let q = l.base + j;
+                    assert_eq!((q / wp) * ow + q % wp, next, "lane {j} of {l:?}");
+                    assert!(q % wp < ow && q / wp < oh);
+                    next += 1;
+                }
+            }
+            assert_eq!(next, oh * ow, "{oh}x{ow} pitch {wp}: outputs missed");
+        }
+        assert!(pitch_seen, "no case used the pitch layout");
+    }
+
+    #[test]
     fn direct_conv_simd_is_bit_identical_to_scalar_and_to_the_gemm_path() {
         use crate::model::AutoPad;
         // (cg, m, h, w, kernel, pads, dilation)
@@ -556,6 +605,8 @@ mod tests {
             (4, 8, 9, 21, [3, 3], [1, 1, 1, 1], [1, 1]),
             (5, 8, 8, 8, [1, 1], [0, 0, 0, 0], [1, 1]),
             (2, 16, 12, 17, [3, 5], [2, 0, 1, 3], [2, 1]),
+            (16, 16, 8, 8, [3, 3], [1, 1, 1, 1], [1, 1]),
+            (3, 8, 5, 3, [3, 3], [1, 1, 1, 1], [1, 1]),
         ] {
             let win = Window {
                 kernel: k,
@@ -566,7 +617,7 @@ mod tests {
                 ceil_mode: false,
             };
             let ([oh, ow], pads) = win.output(h, w).unwrap();
-            assert!(direct_applies(&win, ow));
+            assert!(direct_applies(&win));
             let kk = cg * k[0] * k[1];
             let x = seq(cg * h * w, 4);
             let wt = seq(m * kk, 5);

@@ -291,7 +291,7 @@ fn conv(
     {
         // AVX-512: packed receptive fields and the 8x32 micro-kernel.
         let mut cols = Vec::new();
-        let direct = super::conv_gemm::direct_applies(win, ow);
+        let direct = super::conv_gemm::direct_applies(win);
         for img in 0..n {
             let xi = &x.data[img * c * h * wd..(img + 1) * c * h * wd];
             let oi = &mut out[img * m * p..(img + 1) * m * p];
