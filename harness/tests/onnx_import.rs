@@ -717,3 +717,99 @@ fn wrong_input_shape_is_an_error_not_a_panic() {
         "{e}"
     );
 }
+
+/// A hook that changes nothing: with it, the engine runs every node on its own.
+struct Watch;
+impl quantbench::engine::EdgeHook for Watch {
+    fn on_value(&self, _value: usize, _tensor: &mut Tensor) {}
+}
+
+#[test]
+fn conv_add_relu_fused_equal_node_by_node_and_the_reference() {
+    let mut r = Seeded(11);
+    let conv = |name: &str, input: &str, out: &str, stride: i64| {
+        node(
+            "Conv",
+            &[input, &format!("{name}_w"), &format!("{name}_b")],
+            out,
+            vec![
+                ints("strides", &[stride, stride]),
+                ints("pads", &[1, 1, 1, 1]),
+            ],
+        )
+    };
+    // (channels, stride of the second conv, what the residual of the Add is)
+    for (c, stride, residual) in [
+        (8, 1, "a"),      // identity shortcut, produced before the conv: Add and Relu fused
+        (16, 1, "bias4"), // [1, c, 1, 1] constant: broadcast, the nodes run one by one
+        (8, 1, "late"),   // produced after the conv: not fused
+        (6, 1, "a"),      // 6 channels: the general GEMM path with the epilogue after it
+        (8, 2, "pool"),   // strided conv (im2col + packed GEMM), residual from a pool
+    ] {
+        let (h, w) = (9, 12);
+        let x = Tensor::new(vec![2, c, h, w], r.vec(2 * c * h * w));
+        let w1 = Tensor::new(vec![c, c, 3, 3], r.vec(c * c * 9));
+        let w2 = Tensor::new(vec![c, c, 3, 3], r.vec(c * c * 9));
+        let (b1, b2, b4) = (r.vec(c), r.vec(c), r.vec(c));
+        let mut nodes = vec![
+            conv("c1", "x", "c1_out", 1),
+            node("Relu", &["c1_out"], "a", vec![]),
+            conv("c2", "a", "c2_out", stride),
+        ];
+        if residual == "late" {
+            nodes.push(node("Relu", &["x"], "late", vec![]));
+        }
+        if residual == "pool" {
+            nodes.insert(
+                2,
+                node(
+                    "MaxPool",
+                    &["a"],
+                    "pool",
+                    vec![ints("kernel_shape", &[1, 1]), ints("strides", &[2, 2])],
+                ),
+            );
+        }
+        nodes.push(node("Add", &[residual, "c2_out"], "sum", vec![]));
+        nodes.push(node("Relu", &["sum"], "y", vec![]));
+        let bytes = model(
+            nodes,
+            vec![
+                ftensor("c1_w", &w1.shape, &w1.data),
+                ftensor("c1_b", &[c], &b1),
+                ftensor("c2_w", &w2.shape, &w2.data),
+                ftensor("c2_b", &[c], &b2),
+                ftensor("bias4", &[1, c, 1, 1], &b4),
+            ],
+            &[None, Some(c), Some(h), Some(w)],
+            "y",
+            13,
+        );
+        let g = Graph::from_bytes(&bytes).expect("import");
+        let e = Engine::new(&g);
+        let fused = e.run(x.clone(), None).expect("run");
+        let one_by_one = e.run(x.clone(), Some(&Watch)).expect("run with a hook");
+        assert_eq!(fused.shape, one_by_one.shape);
+        assert!(
+            fused.data.iter().zip(&one_by_one.data).all(|(a, b)| a == b),
+            "c={c} stride={stride} residual={residual}: fused differs from node by node"
+        );
+        // The reference: convolutions, the Add with broadcasting, ReLUs.
+        let relu = |t: &mut Tensor| t.data.iter_mut().for_each(|v| *v = v.max(0.0));
+        let mut a = conv_ref(&x, &w1, Some(&b1), [1, 1], [1; 4], [1, 1], 1);
+        relu(&mut a);
+        let mut want = conv_ref(&a, &w2, Some(&b2), [stride as usize; 2], [1; 4], [1, 1], 1);
+        let [oh, ow] = [want.shape[2], want.shape[3]];
+        for (i, v) in want.data.iter_mut().enumerate() {
+            let (n, ch, y, xx) = (i / (c * oh * ow), i / (oh * ow) % c, i / ow % oh, i % ow);
+            *v += match residual {
+                "bias4" => b4[ch],
+                "late" => x.data[i].max(0.0),
+                "pool" => a.data[((n * c + ch) * h + 2 * y) * w + 2 * xx],
+                _ => a.data[i],
+            };
+        }
+        relu(&mut want);
+        assert_close(&fused, &want, 1e-5);
+    }
+}

@@ -13,6 +13,40 @@ use crate::model::Window;
 pub const MR: usize = 8;
 pub const NR: usize = 32;
 
+/// What happens to each output after its sum: `+ residual` (a tensor laid out like the
+/// output), then `max(0, .)`. This is a Conv followed by an Add and / or a Relu, run as one
+/// pass; the spec is [`Epilogue::apply`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Epilogue<'a> {
+    pub residual: Option<&'a [f32]>,
+    pub relu: bool,
+}
+
+impl Epilogue<'_> {
+    /// The epilogue of the output at index `i`. ReLU maps NaN and -0.0 to 0.0, as
+    /// `vmaxps(v, 0)` does.
+    #[inline]
+    pub fn apply(&self, i: usize, v: f32) -> f32 {
+        let v = match self.residual {
+            Some(r) => v + r[i],
+            None => v,
+        };
+        match self.relu {
+            true if v > 0.0 => v,
+            true => 0.0,
+            false => v,
+        }
+    }
+
+    /// The same epilogue for the outputs from index `at` on.
+    fn offset(&self, at: usize) -> Self {
+        Epilogue {
+            residual: self.residual.map(|r| &r[at..]),
+            relu: self.relu,
+        }
+    }
+}
+
 /// A conv weight `[M, K]` packed for the micro-kernel (M a multiple of [`MR`]).
 #[derive(Clone, Debug)]
 pub struct PackedWeight {
@@ -165,6 +199,7 @@ fn put(out: &mut [f32], k_total: usize, k: usize, p0: usize, src: &[f32]) {
 
 /// `out[r * ldc + p] = bias[r] + sum_k w[r, k] * col[k, p]` for all `M` rows and `p < n`,
 /// from packed operands; `isa_avx512` selects the micro-kernel (it must be supported).
+#[allow(clippy::too_many_arguments)]
 pub fn gemm_packed(
     w: &PackedWeight,
     cols: &[f32],
@@ -172,11 +207,14 @@ pub fn gemm_packed(
     bias: Option<&[f32]>,
     out: &mut [f32],
     ldc: usize,
+    epi: Epilogue,
     avx512: bool,
 ) {
     let k = w.k;
     let panels = n.div_ceil(NR);
-    assert!(cols.len() >= panels * k * NR && out.len() >= (w.m - 1) * ldc + n && ldc >= n);
+    let need = (w.m - 1) * ldc + n;
+    assert!(cols.len() >= panels * k * NR && out.len() >= need && ldc >= n);
+    assert!(epi.residual.is_none_or(|r| r.len() >= need));
     let zeros = [0.0f32; MR];
     for tile in 0..w.m / MR {
         let a = &w.data[tile * k * MR..(tile + 1) * k * MR];
@@ -187,16 +225,18 @@ pub fn gemm_packed(
         for j in 0..panels {
             let b = &cols[j * k * NR..(j + 1) * k * NR];
             let valid = (n - j * NR).min(NR);
-            let c = &mut out[tile * MR * ldc + j * NR..];
+            let at = tile * MR * ldc + j * NR;
+            let c = &mut out[at..];
+            let e = epi.offset(at);
             #[cfg(target_arch = "x86_64")]
             if avx512 {
                 // SAFETY: the caller checked AVX-512F support; slices cover K x 8, K x 32 and
-                // 8 rows of `valid` outputs at stride ldc (asserted above).
-                unsafe { x86::kernel_8x32(k, a, b, b_tile, c, ldc, valid) };
+                // 8 rows of `valid` outputs at stride ldc (asserted above), the residual too.
+                unsafe { x86::kernel_8x32(k, a, b, b_tile, c, ldc, valid, e) };
                 continue;
             }
             let _ = avx512;
-            kernel_8x32_scalar(k, a, b, b_tile, c, ldc, valid);
+            kernel_8x32_scalar(k, a, b, b_tile, c, ldc, valid, e);
         }
     }
 }
@@ -287,9 +327,12 @@ pub fn conv_direct(
     bias: Option<&[f32]>,
     out: &mut [f32],
     ldc: usize,
+    epi: Epilogue,
     padded: &mut Vec<f32>,
     avx512: bool,
 ) {
+    let need = (pw.m - 1) * ldc + oh * ow;
+    assert!(out.len() >= need && epi.residual.is_none_or(|r| r.len() >= need));
     let [kh, kw] = win.kernel;
     let [dh, dw] = win.dilations;
     let hp = h + pads[0] + pads[2];
@@ -334,17 +377,20 @@ pub fn conv_direct(
                 // SAFETY: AVX-512F checked by the caller; every unmasked load is inside
                 // `padded` (see above) and every store inside `out` (`at` + popcount of the
                 // mask <= oh * ow, 8 rows at stride ldc).
-                unsafe { x86::kernel_8x2x16_indirect(a, &offs, padded, v, bt, out, rows, ldc) };
+                unsafe {
+                    x86::kernel_8x2x16_indirect(a, &offs, padded, v, bt, out, rows, ldc, epi)
+                };
                 continue;
             }
             let _ = avx512;
-            kernel_8x2x16_indirect_scalar(a, &offs, padded, v, bt, out, rows, ldc);
+            kernel_8x2x16_indirect_scalar(a, &offs, padded, v, bt, out, rows, ldc, epi);
         }
     }
 }
 
 /// Specification of the direct micro-kernel: for each vector and each of its valid lanes in
-/// order, one output (bias, then `mul_add` in k order) at the next output index from `at`.
+/// order, one output (bias, then `mul_add` in k order, then the epilogue) at the next output
+/// index from `at`.
 #[allow(clippy::too_many_arguments)]
 pub fn kernel_8x2x16_indirect_scalar(
     a: &[f32],
@@ -355,6 +401,7 @@ pub fn kernel_8x2x16_indirect_scalar(
     out: &mut [f32],
     rows: usize,
     ldc: usize,
+    epi: Epilogue,
 ) {
     for half in v {
         for r in 0..MR {
@@ -364,13 +411,15 @@ pub fn kernel_8x2x16_indirect_scalar(
                 for (kk, &o) in offs.iter().enumerate() {
                     acc = a[kk * MR + r].mul_add(x[half.base + o + j], acc);
                 }
-                out[at] = acc;
+                out[at] = epi.apply(at, acc);
             }
         }
     }
 }
 
-/// The specification: one accumulator per output, bias then `mul_add` in k order.
+/// The specification: one accumulator per output, bias then `mul_add` in k order, then the
+/// epilogue.
+#[allow(clippy::too_many_arguments)]
 pub fn kernel_8x32_scalar(
     k: usize,
     a: &[f32],
@@ -379,6 +428,7 @@ pub fn kernel_8x32_scalar(
     c: &mut [f32],
     ldc: usize,
     valid: usize,
+    epi: Epilogue,
 ) {
     let mut acc = [[0.0f32; NR]; MR];
     for (r, row) in acc.iter_mut().enumerate() {
@@ -394,7 +444,9 @@ pub fn kernel_8x32_scalar(
         }
     }
     for (r, row) in acc.iter().enumerate() {
-        c[r * ldc..r * ldc + valid].copy_from_slice(&row[..valid]);
+        for (j, &v) in row[..valid].iter().enumerate() {
+            c[r * ldc + j] = epi.apply(r * ldc + j, v);
+        }
     }
 }
 
@@ -405,7 +457,24 @@ mod x86 {
     use super::{MR, NR};
     use std::arch::x86_64::*;
 
+    /// The epilogue on one vector of outputs, the first at index `at` of the residual, `m`
+    /// lanes valid.
     #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn finish(v: __m512, epi: &super::Epilogue, at: usize, m: __mmask16) -> __m512 {
+        let v = match epi.residual {
+            Some(r) => _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, r.as_ptr().add(at))),
+            None => v,
+        };
+        if epi.relu {
+            _mm512_max_ps(v, _mm512_setzero_ps())
+        } else {
+            v
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn kernel_8x32(
         k: usize,
         a: &[f32],
@@ -414,6 +483,7 @@ mod x86 {
         c: &mut [f32],
         ldc: usize,
         valid: usize,
+        epi: super::Epilogue,
     ) {
         debug_assert!(a.len() >= k * MR && b.len() >= k * NR && bias.len() >= MR);
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
@@ -449,8 +519,10 @@ mod x86 {
         let cp = c.as_mut_ptr();
         for (r, pair) in acc.iter().enumerate() {
             let row = cp.add(r * ldc);
-            _mm512_mask_storeu_ps(row, m0, pair[0]);
-            _mm512_mask_storeu_ps(row.add(16), m1, pair[1]);
+            let v0 = finish(pair[0], &epi, r * ldc, m0);
+            let v1 = finish(pair[1], &epi, r * ldc + 16, m1);
+            _mm512_mask_storeu_ps(row, m0, v0);
+            _mm512_mask_storeu_ps(row.add(16), m1, v1);
         }
     }
 
@@ -465,6 +537,7 @@ mod x86 {
         out: &mut [f32],
         rows: usize,
         ldc: usize,
+        epi: super::Epilogue,
     ) {
         let (m0, m1) = (v[0].mask, v[1].mask);
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
@@ -489,11 +562,13 @@ mod x86 {
         // The valid lanes, packed to the low end, are consecutive outputs.
         let s0 = ((1u32 << m0.count_ones()) - 1) as u16;
         let s1 = ((1u32 << m1.count_ones()) - 1) as u16;
-        let op = out.as_mut_ptr().add(rows);
+        let op = out.as_mut_ptr();
         for (r, pair) in acc.iter().enumerate() {
-            let row = op.add(r * ldc);
-            _mm512_mask_storeu_ps(row.add(v[0].at), s0, _mm512_maskz_compress_ps(m0, pair[0]));
-            _mm512_mask_storeu_ps(row.add(v[1].at), s1, _mm512_maskz_compress_ps(m1, pair[1]));
+            let (at0, at1) = (rows + r * ldc + v[0].at, rows + r * ldc + v[1].at);
+            let c0 = finish(_mm512_maskz_compress_ps(m0, pair[0]), &epi, at0, s0);
+            let c1 = finish(_mm512_maskz_compress_ps(m1, pair[1]), &epi, at1, s1);
+            _mm512_mask_storeu_ps(op.add(at0), s0, c0);
+            _mm512_mask_storeu_ps(op.add(at1), s1, c1);
         }
     }
 }
@@ -512,6 +587,29 @@ mod tests {
                 (s % 2001) as f32 / 1000.0 - 1.0
             })
             .collect()
+    }
+
+    /// No epilogue, ReLU, + residual, + residual then ReLU.
+    fn epilogues(residual: &[f32]) -> [Epilogue<'_>; 4] {
+        let with = |relu| Epilogue {
+            residual: Some(residual),
+            relu,
+        };
+        let without = |relu| Epilogue {
+            residual: None,
+            relu,
+        };
+        [without(false), without(true), with(false), with(true)]
+    }
+
+    /// The epilogue written out as the Add and Relu nodes compute it.
+    fn by_hand(epi: &Epilogue, i: usize, v: f32) -> f32 {
+        let v = epi.residual.map_or(v, |r| v + r[i]);
+        if epi.relu {
+            v.max(0.0)
+        } else {
+            v
+        }
     }
 
     #[test]
@@ -535,30 +633,37 @@ mod tests {
                     packed[(p / NR) * k * NR + kk * NR + p % NR] = col[kk * n + p];
                 }
             }
-            let mut scalar = vec![f32::NAN; m * n];
-            gemm_packed(&pw, &packed, n, Some(&bias), &mut scalar, n, false);
-            for r in 0..m {
-                for p in 0..n {
-                    let mut want = bias[r];
-                    for kk in 0..k {
-                        want = w[r * k + kk].mul_add(col[kk * n + p], want);
+            let residual = seq(m * n, 7);
+            for epi in epilogues(&residual) {
+                let mut scalar = vec![f32::NAN; m * n];
+                gemm_packed(&pw, &packed, n, Some(&bias), &mut scalar, n, epi, false);
+                for r in 0..m {
+                    for p in 0..n {
+                        let mut want = bias[r];
+                        for kk in 0..k {
+                            want = w[r * k + kk].mul_add(col[kk * n + p], want);
+                        }
+                        let want = by_hand(&epi, r * n + p, want);
+                        assert_eq!(
+                            scalar[r * n + p].to_bits(),
+                            want.to_bits(),
+                            "m={m} k={k} n={n} r={r} p={p} {epi:?}"
+                        );
                     }
-                    assert_eq!(
-                        scalar[r * n + p].to_bits(),
-                        want.to_bits(),
-                        "m={m} k={k} n={n} r={r} p={p}"
+                }
+                #[cfg(target_arch = "x86_64")]
+                if quantbench_kernels::Isa::Avx512.is_supported() {
+                    let mut simd = vec![f32::NAN; m * n];
+                    gemm_packed(&pw, &packed, n, Some(&bias), &mut simd, n, epi, true);
+                    let same = simd
+                        .iter()
+                        .zip(&scalar)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "AVX-512 differs from scalar at m={m} k={k} n={n} {epi:?}"
                     );
                 }
-            }
-            #[cfg(target_arch = "x86_64")]
-            if quantbench_kernels::Isa::Avx512.is_supported() {
-                let mut simd = vec![f32::NAN; m * n];
-                gemm_packed(&pw, &packed, n, Some(&bias), &mut simd, n, true);
-                let same = simd
-                    .iter()
-                    .zip(&scalar)
-                    .all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "AVX-512 differs from scalar at m={m} k={k} n={n}");
             }
         }
         assert!(
@@ -625,36 +730,9 @@ mod tests {
             let pw = PackedWeight::new(&wt, m, kk).unwrap();
             let p = oh * ow;
             let mut buf = Vec::new();
-            let mut scalar = vec![f32::NAN; m * p];
-            conv_direct(
-                &pw,
-                &x,
-                h,
-                w,
-                cg,
-                &win,
-                pads,
-                oh,
-                ow,
-                Some(&bias),
-                &mut scalar,
-                p,
-                &mut buf,
-                false,
-            );
-            // The im2col + packed GEMM path computes the same sums in the same order.
-            let mut cols = Vec::new();
-            im2col_packed(&x, h, w, cg, &win, pads, oh, ow, &mut cols);
-            let mut via_gemm = vec![f32::NAN; m * p];
-            gemm_packed(&pw, &cols, p, Some(&bias), &mut via_gemm, p, false);
-            let same = scalar
-                .iter()
-                .zip(&via_gemm)
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "direct vs im2col, {cg}x{h}x{w} k{k:?}");
-            #[cfg(target_arch = "x86_64")]
-            if quantbench_kernels::Isa::Avx512.is_supported() {
-                let mut simd = vec![f32::NAN; m * p];
+            let residual = seq(m * p, 7);
+            for epi in epilogues(&residual) {
+                let mut scalar = vec![f32::NAN; m * p];
                 conv_direct(
                     &pw,
                     &x,
@@ -666,16 +744,48 @@ mod tests {
                     oh,
                     ow,
                     Some(&bias),
-                    &mut simd,
+                    &mut scalar,
                     p,
+                    epi,
                     &mut buf,
-                    true,
+                    false,
                 );
-                let same = simd
+                // The im2col + packed GEMM path computes the same sums in the same order.
+                let mut cols = Vec::new();
+                im2col_packed(&x, h, w, cg, &win, pads, oh, ow, &mut cols);
+                let mut via_gemm = vec![f32::NAN; m * p];
+                gemm_packed(&pw, &cols, p, Some(&bias), &mut via_gemm, p, epi, false);
+                let same = scalar
                     .iter()
-                    .zip(&scalar)
+                    .zip(&via_gemm)
                     .all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "AVX-512 vs scalar, {cg}x{h}x{w}");
+                assert!(same, "direct vs im2col, {cg}x{h}x{w} k{k:?} {epi:?}");
+                #[cfg(target_arch = "x86_64")]
+                if quantbench_kernels::Isa::Avx512.is_supported() {
+                    let mut simd = vec![f32::NAN; m * p];
+                    conv_direct(
+                        &pw,
+                        &x,
+                        h,
+                        w,
+                        cg,
+                        &win,
+                        pads,
+                        oh,
+                        ow,
+                        Some(&bias),
+                        &mut simd,
+                        p,
+                        epi,
+                        &mut buf,
+                        true,
+                    );
+                    let same = simd
+                        .iter()
+                        .zip(&scalar)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "AVX-512 vs scalar, {cg}x{h}x{w} {epi:?}");
+                }
             }
         }
     }

@@ -28,6 +28,68 @@ pub struct Engine<'g> {
     /// Per node: Conv weights packed for the AVX-512 micro-kernel, one per group (only when
     /// AVX-512 is the active ISA and each group's output channels are a multiple of 8).
     packed: Vec<Option<Vec<PackedWeight>>>,
+    /// Per node: the Add / Relu nodes after this Conv that run inside it (see [`Fusion`]).
+    fused: Vec<Option<Fusion>>,
+}
+
+/// A Conv whose output only a Relu reads, or only an Add whose other operand exists before
+/// the Conv runs (then optionally a Relu that alone reads the sum): without an [`EdgeHook`],
+/// the Conv applies the Add and the Relu to each output as it is stored, and the absorbed
+/// nodes are skipped. The values are the same as node by node: the sum, then `+ residual`
+/// (f32 addition commutes), then `max(0, .)`.
+#[derive(Clone, Debug)]
+struct Fusion {
+    residual: Option<usize>,
+    relu: bool,
+    /// The Add and / or Relu nodes, in order.
+    absorbed: Vec<usize>,
+    /// The value the last absorbed node produces.
+    output: usize,
+}
+
+/// The [`Fusion`] starting at node `i`, if any.
+fn fusion_at(
+    graph: &Graph,
+    readers: &[Vec<usize>],
+    producer: &[usize],
+    i: usize,
+) -> Option<Fusion> {
+    let node = &graph.nodes[i];
+    if !matches!(node.op, Op::Conv { .. }) {
+        return None;
+    }
+    // The only node reading `v`, unless `v` is the graph output.
+    let sole = |v: usize| match readers[v].as_slice() {
+        [j] if v != graph.output => Some(*j),
+        _ => None,
+    };
+    let j = sole(node.output)?;
+    let next = &graph.nodes[j];
+    let mut f = Fusion {
+        residual: None,
+        relu: false,
+        absorbed: vec![j],
+        output: next.output,
+    };
+    match next.op {
+        Op::Relu => f.relu = true,
+        Op::Add if next.inputs.len() == 2 => {
+            let (a, b) = (next.inputs[0], next.inputs[1]);
+            let r = if a == node.output { b } else { a };
+            let ready = graph.constants[r].is_some() || r == graph.input || producer[r] < i;
+            if r == node.output || !ready {
+                return None;
+            }
+            f.residual = Some(r);
+            if let Some(k) = sole(next.output).filter(|&k| graph.nodes[k].op == Op::Relu) {
+                f.relu = true;
+                f.absorbed.push(k);
+                f.output = graph.nodes[k].output;
+            }
+        }
+        _ => return None,
+    }
+    Some(f)
 }
 
 impl<'g> Engine<'g> {
@@ -39,6 +101,19 @@ impl<'g> Engine<'g> {
             }
         }
         last_use[graph.output] = usize::MAX;
+        let mut readers = vec![Vec::new(); graph.value_names.len()];
+        let mut producer = vec![usize::MAX; graph.value_names.len()];
+        for (i, node) in graph.nodes.iter().enumerate() {
+            for &v in &node.inputs {
+                if readers[v].last() != Some(&i) {
+                    readers[v].push(i);
+                }
+            }
+            producer[node.output] = i;
+        }
+        let fused = (0..graph.nodes.len())
+            .map(|i| fusion_at(graph, &readers, &producer, i))
+            .collect();
         let avx512 = quantbench_kernels::isa::active() == quantbench_kernels::Isa::Avx512;
         let packed = graph
             .nodes
@@ -69,6 +144,7 @@ impl<'g> Engine<'g> {
             graph,
             last_use,
             packed,
+            fused,
         }
     }
 
@@ -115,50 +191,55 @@ impl<'g> Engine<'g> {
         hook: Option<&dyn EdgeHook>,
     ) -> Result<(), String> {
         let g = self.graph;
-        for i in range {
+        // Nodes a fused Conv already computed.
+        let mut absorbed: Vec<usize> = Vec::new();
+        for i in range.clone() {
             let node = &g.nodes[i];
-            let out = {
-                // Inputs this node reads last (and are not constants) may be consumed in place.
-                let mut owned: Option<Tensor> = None;
-                let first = node.inputs[0];
-                if self.last_use[first] == i
-                    && g.constants[first].is_none()
-                    && node.inputs[1..].iter().all(|&v| v != first)
-                {
-                    owned = slots[first].take();
+            let fused = match (&self.fused[i], hook) {
+                (Some(f), None) if f.absorbed.iter().all(|j| range.contains(j)) => {
+                    self.run_fused(slots, i, f)?
                 }
-                let get = |v: usize| -> Result<&Tensor, String> {
-                    if let Some(t) = g.constants[v].as_ref() {
-                        return Ok(t);
-                    }
-                    slots[v]
-                        .as_ref()
-                        .ok_or_else(|| format!("value '{}' is not available", g.value_names[v]))
-                };
-                let args: Vec<&Tensor> = node.inputs[1..]
-                    .iter()
-                    .map(|&v| get(v))
-                    .collect::<Result<_, _>>()?;
-                let first_ref = match &owned {
-                    Some(_) => None,
-                    None => Some(get(first)?),
-                };
-                ops::execute(&node.op, owned, first_ref, &args, self.packed[i].as_deref()).map_err(
-                    |e| {
-                        let name = if node.name.is_empty() {
-                            format!("#{i}")
-                        } else {
-                            format!("'{}'", node.name)
-                        };
-                        format!("node {name} ({}): {e}", node.op.name())
-                    },
-                )?
+                _ => None,
             };
-            let mut out = out;
-            if let Some(h) = hook {
-                h.on_value(node.output, &mut out);
+            if let Some((f, out)) = fused {
+                slots[f.output] = Some(out);
+                absorbed.extend(&f.absorbed);
+            } else if !absorbed.contains(&i) {
+                let out = {
+                    // Inputs this node reads last (and are not constants) may be consumed in place.
+                    let mut owned: Option<Tensor> = None;
+                    let first = node.inputs[0];
+                    if self.last_use[first] == i
+                        && g.constants[first].is_none()
+                        && node.inputs[1..].iter().all(|&v| v != first)
+                    {
+                        owned = slots[first].take();
+                    }
+                    let get = |v: usize| -> Result<&Tensor, String> {
+                        if let Some(t) = g.constants[v].as_ref() {
+                            return Ok(t);
+                        }
+                        slots[v]
+                            .as_ref()
+                            .ok_or_else(|| format!("value '{}' is not available", g.value_names[v]))
+                    };
+                    let args: Vec<&Tensor> = node.inputs[1..]
+                        .iter()
+                        .map(|&v| get(v))
+                        .collect::<Result<_, _>>()?;
+                    let first_ref = match &owned {
+                        Some(_) => None,
+                        None => Some(get(first)?),
+                    };
+                    ops::execute(&node.op, owned, first_ref, &args, self.packed[i].as_deref())
+                        .map_err(|e| format!("node {} ({}): {e}", self.label(i), node.op.name()))?
+                };
+                let mut out = out;
+                if let Some(h) = hook {
+                    h.on_value(node.output, &mut out);
+                }
+                slots[node.output] = Some(out);
             }
-            slots[node.output] = Some(out);
             for &v in &node.inputs {
                 if self.last_use[v] == i {
                     slots[v] = None;
@@ -166,6 +247,51 @@ impl<'g> Engine<'g> {
             }
         }
         Ok(())
+    }
+
+    /// Node `i` for messages: its quoted name, or `#i` when it has none.
+    fn label(&self, i: usize) -> String {
+        match self.graph.nodes[i].name.as_str() {
+            "" => format!("#{i}"),
+            name => format!("'{name}'"),
+        }
+    }
+
+    /// Runs the Conv at node `i` with the Add / Relu of `f` fused; `None` when the residual
+    /// is not shaped like the Conv output (the nodes then run one by one).
+    fn run_fused<'f>(
+        &self,
+        slots: &[Option<Tensor>],
+        i: usize,
+        f: &'f Fusion,
+    ) -> Result<Option<(&'f Fusion, Tensor)>, String> {
+        let g = self.graph;
+        let node = &g.nodes[i];
+        let Op::Conv { window, group } = &node.op else {
+            return Ok(None);
+        };
+        let get = |v: usize| -> Result<&Tensor, String> {
+            g.constants[v]
+                .as_ref()
+                .or(slots[v].as_ref())
+                .ok_or_else(|| format!("value '{}' is not available", g.value_names[v]))
+        };
+        let x = get(node.inputs[0])?;
+        let w = get(node.inputs[1])?;
+        let b = node.inputs.get(2).map(|&v| get(v)).transpose()?;
+        let residual = f.residual.map(get).transpose()?;
+        let out = ops::conv(
+            x,
+            w,
+            b,
+            window,
+            *group,
+            self.packed[i].as_deref(),
+            residual,
+            f.relu,
+        )
+        .map_err(|e| format!("node {} (Conv): {e}", self.label(i)))?;
+        Ok(out.map(|t| (f, t)))
     }
 
     /// The graph output once every node has run.

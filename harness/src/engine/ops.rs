@@ -48,9 +48,17 @@ pub(crate) fn execute(
         (None, None) => return Err("missing input".into()),
     };
     match op {
-        Op::Conv { window, group } => {
-            conv(x, rest[0], rest.get(1).copied(), window, *group, packed)
-        }
+        Op::Conv { window, group } => conv(
+            x,
+            rest[0],
+            rest.get(1).copied(),
+            window,
+            *group,
+            packed,
+            None,
+            false,
+        )?
+        .ok_or_else(|| "unreachable: no residual".to_string()),
         Op::Gemm {
             alpha,
             beta,
@@ -247,14 +255,20 @@ pub(crate) fn sgemm(
     }
 }
 
-fn conv(
+/// A Conv node; with `residual` and / or `relu` also the Add and Relu that follow it (see
+/// [`super::conv_gemm::Epilogue`]). `Ok(None)` when `residual` is not shaped like the output
+/// (the caller then runs the nodes one by one).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv(
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
     win: &Window,
     group: usize,
     packed: Option<&[super::PackedWeight]>,
-) -> R<Tensor> {
+    residual: Option<&Tensor>,
+    relu: bool,
+) -> R<Option<Tensor>> {
     if x.shape.len() != 4 || w.shape.len() != 4 {
         return Err(format!(
             "expected 4-D input and weight, got {:?} and {:?}",
@@ -282,6 +296,9 @@ fn conv(
         }
     }
     let ([oh, ow], pads) = win.output(h, wd)?;
+    if residual.is_some_and(|r| r.shape != [n, m, oh, ow]) {
+        return Ok(None);
+    }
     let p = oh * ow;
     let mg = m / group;
     let k = cg * kh * kw;
@@ -298,10 +315,15 @@ fn conv(
             for (g, pwg) in pw.iter().enumerate() {
                 let xg = &xi[g * cg * h * wd..(g + 1) * cg * h * wd];
                 let bias = b.map(|b| &b.data[g * mg..(g + 1) * mg]);
+                let at = img * m * p + g * mg * p;
+                let epi = super::conv_gemm::Epilogue {
+                    residual: residual.map(|r| &r.data[at..at + mg * p]),
+                    relu,
+                };
                 if direct {
                     let og = &mut oi[g * mg * p..(g + 1) * mg * p];
                     super::conv_gemm::conv_direct(
-                        pwg, xg, h, wd, cg, win, pads, oh, ow, bias, og, p, &mut cols, true,
+                        pwg, xg, h, wd, cg, win, pads, oh, ow, bias, og, p, epi, &mut cols, true,
                     );
                     continue;
                 }
@@ -313,11 +335,12 @@ fn conv(
                     bias,
                     &mut oi[g * mg * p..(g + 1) * mg * p],
                     p,
+                    epi,
                     true,
                 );
             }
         }
-        return Ok(Tensor::new(vec![n, m, oh, ow], out));
+        return Ok(Some(Tensor::new(vec![n, m, oh, ow], out)));
     }
     let direct = kh == 1 && kw == 1 && win.strides == [1, 1] && pads == [0; 4];
     let mut col = Vec::new();
@@ -342,7 +365,16 @@ fn conv(
             sgemm(mg, p, k, wg, k, 1, rhs, p, 1, og, p, b.is_some(), 1.0);
         }
     }
-    Ok(Tensor::new(vec![n, m, oh, ow], out))
+    if residual.is_some() || relu {
+        let epi = super::conv_gemm::Epilogue {
+            residual: residual.map(|r| &r.data[..]),
+            relu,
+        };
+        for (i, v) in out.iter_mut().enumerate() {
+            *v = epi.apply(i, *v);
+        }
+    }
+    Ok(Some(Tensor::new(vec![n, m, oh, ow], out)))
 }
 
 fn gemm_op(
