@@ -9,6 +9,7 @@
 pub(crate) mod conv_gemm;
 pub mod int8;
 pub(crate) mod ops;
+pub(crate) mod pool;
 
 pub use conv_gemm::PackedWeight;
 
@@ -242,7 +243,9 @@ impl<'g> Engine<'g> {
             }
             for &v in &node.inputs {
                 if self.last_use[v] == i {
-                    slots[v] = None;
+                    if let Some(t) = slots[v].take() {
+                        pool::give_back(t.data);
+                    }
                 }
             }
         }

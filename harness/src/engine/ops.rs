@@ -302,12 +302,12 @@ pub(crate) fn conv(
     let p = oh * ow;
     let mg = m / group;
     let k = cg * kh * kw;
-    let mut out = vec![0.0f32; n * m * p];
+    let mut out = super::pool::take_zeroed(n * m * p);
     if let Some(pw) =
         packed.filter(|pw| pw.len() == group && pw.iter().all(|p| p.m == mg && p.k == k))
     {
         // AVX-512: packed receptive fields and the 8x32 micro-kernel.
-        let mut cols = Vec::new();
+        let mut cols = super::pool::take_zeroed(0);
         let direct = super::conv_gemm::direct_applies(win);
         for img in 0..n {
             let xi = &x.data[img * c * h * wd..(img + 1) * c * h * wd];
@@ -340,6 +340,7 @@ pub(crate) fn conv(
                 );
             }
         }
+        super::pool::give_back(cols);
         return Ok(Some(Tensor::new(vec![n, m, oh, ow], out)));
     }
     let direct = kh == 1 && kw == 1 && win.strides == [1, 1] && pads == [0; 4];
