@@ -241,13 +241,18 @@ pub fn gemm_packed(
     }
 }
 
-/// Direct convolution for stride 1: no im2col. The input image is copied once into a
-/// zero-padded buffer of row pitch `wp`; each micro-kernel call computes 8 output channels x
-/// two vectors of 16 lanes, and reads the receptive field of every tap k straight from the
-/// padded image at the offset `offs[k]` (channel plane, row and column of the tap).
+/// Direct convolution: no im2col. The input image is copied once into a zero-padded buffer;
+/// each micro-kernel call computes 8 output channels x two vectors of 16 lanes, and reads the
+/// receptive field of every tap k straight from the buffer at the offset `offs[k]`.
 ///
-/// A vector covers 16 consecutive positions of the padded image, `q = oy * wp + ox`, and a
-/// lane mask says which of them are outputs (`ox < ow`). Two layouts of the vectors:
+/// Strides: the padded image of each channel is split into `sh x sw` phase planes (plane
+/// `(a, b)` holds the rows `= a` and columns `= b` modulo the stride), each `hs x ws`. The tap
+/// `(ki, kj)` of output `(oy, ox)` reads padded row `oy * sh + ki * dh`, which is row
+/// `oy + ki * dh / sh` of phase `ki * dh % sh` (columns alike): within one plane, consecutive
+/// outputs read consecutive values, as at stride 1 (one plane, `ws` = padded width).
+///
+/// A vector covers 16 consecutive positions of a plane, `q = oy * ws + ox`, and a lane mask
+/// says which of them are outputs (`ox < ow`). Two layouts of the vectors:
 /// - runs: up to 16 positions within one output row (rows of 16 or 32 fill every lane);
 /// - pitch: the vectors tile `q` without regard to rows, so one vector spans row ends; the
 ///   lanes of the `wp - ow` padding columns are masked off (an 8-wide row then fills 80 % of
@@ -257,8 +262,23 @@ pub fn gemm_packed(
 /// consecutive indices of the row-major output, so the kernel compresses them and stores
 /// them as one run. Same bias-then-FMA order per output as the GEMM path and the scalar
 /// specification.
-pub fn direct_applies(win: &Window) -> bool {
-    win.strides == [1, 1]
+/// Whether every output's receptive field lies inside the padded image (always so for a
+/// Conv's own output size; checked, not assumed, since the kernel reads without bounds).
+pub fn direct_applies(
+    win: &Window,
+    h: usize,
+    w: usize,
+    pads: [usize; 4],
+    oh: usize,
+    ow: usize,
+) -> bool {
+    let fits = |out: usize, size: usize, d: usize| {
+        out > 0
+            && win.strides[d] > 0
+            && (out - 1) * win.strides[d] + (win.kernel[d] - 1) * win.dilations[d]
+                < size + pads[d] + pads[d + 2]
+    };
+    fits(oh, h, 0) && fits(ow, w, 1)
 }
 
 /// One vector of the direct kernel: padded-image base position, lane mask, output index of
@@ -333,30 +353,62 @@ pub fn conv_direct(
 ) {
     let need = (pw.m - 1) * ldc + oh * ow;
     assert!(out.len() >= need && epi.residual.is_none_or(|r| r.len() >= need));
+    assert!(direct_applies(win, h, w, pads, oh, ow));
     let [kh, kw] = win.kernel;
     let [dh, dw] = win.dilations;
-    let hp = h + pads[0] + pads[2];
-    let wp = w + pads[1] + pads[3];
+    let [sh, sw] = win.strides;
+    let (hs, ws) = (
+        (h + pads[0] + pads[2]).div_ceil(sh),
+        (w + pads[1] + pads[3]).div_ceil(sw),
+    );
+    let plane = hs * ws;
+    // The index of padded position (c, py, px).
+    let at = |c: usize, py: usize, px: usize| {
+        ((c * sh + py % sh) * sw + px % sw) * plane + py / sh * ws + px / sw
+    };
     padded.clear();
-    padded.resize(cg * hp * wp, 0.0);
-    for c in 0..cg {
-        for y in 0..h {
-            let dst = c * hp * wp + (y + pads[0]) * wp + pads[1];
-            padded[dst..dst + w].copy_from_slice(&x[c * h * w + y * w..c * h * w + (y + 1) * w]);
-        }
-    }
-    let mut offs = Vec::with_capacity(pw.k);
-    for c in 0..cg {
-        for ki in 0..kh {
-            for kj in 0..kw {
-                offs.push(c * hp * wp + ki * dh * wp + kj * dw);
+    padded.resize(cg * sh * sw * plane, 0.0);
+    // Strided: where input column xx goes, relative to its row's column-phase-0 start.
+    let cols: Vec<usize> = (0..if sw == 1 { 0 } else { w })
+        .map(|xx| at(0, 0, xx + pads[1]))
+        .collect();
+    let first_row = at(0, pads[0], 0);
+    for (c, xc) in x.chunks_exact(h * w).take(cg).enumerate() {
+        // Padded row py = y + pads[0] is row py / sh of phase py % sh: both advance without
+        // a division per row.
+        let (mut phase, mut row) = (pads[0] % sh, first_row);
+        for src in xc.chunks_exact(w) {
+            let dst = c * sh * sw * plane + row;
+            if sw == 1 {
+                // A loop, not a memcpy call: rows are 8 to 32 values.
+                for (d, &v) in padded[dst + pads[1]..dst + pads[1] + w].iter_mut().zip(src) {
+                    *d = v;
+                }
+            } else {
+                let out = &mut padded[dst..];
+                for (&o, &v) in cols.iter().zip(src) {
+                    out[o] = v;
+                }
+            }
+            phase += 1;
+            row += sw * plane;
+            if phase == sh {
+                phase = 0;
+                row = row - sh * sw * plane + ws;
             }
         }
     }
+    let taps: Vec<usize> = (0..kh * kw)
+        .map(|t| at(0, t / kw * dh, t % kw * dw))
+        .collect();
+    let offs: Vec<usize> = (0..cg)
+        .flat_map(|c| taps.iter().map(move |&t| c * sh * sw * plane + t))
+        .collect();
     debug_assert_eq!(offs.len(), pw.k);
-    // Every valid lane reads inside `padded`: (oy + (kh-1)dh) < hp and ox + (kw-1)dw < wp
-    // for a valid output; masked-off lanes are not read.
-    let vectors = direct_lanes(oh, ow, wp);
+    // Every valid lane reads inside `padded` (direct_applies: the padded row oy * sh + ki * dh
+    // exists, so does row oy + ki * dh / sh of its plane; columns alike); masked-off lanes
+    // are not read.
+    let vectors = direct_lanes(oh, ow, ws);
     let zeros = [0.0f32; MR];
     const NONE: Lanes = Lanes {
         base: 0,
@@ -704,25 +756,30 @@ mod tests {
     #[test]
     fn direct_conv_simd_is_bit_identical_to_scalar_and_to_the_gemm_path() {
         use crate::model::AutoPad;
-        // (cg, m, h, w, kernel, pads, dilation)
-        for (cg, m, h, w, k, pads, dil) in [
-            (3, 16, 32, 32, [3, 3], [1, 1, 1, 1], [1, 1]),
-            (4, 8, 9, 21, [3, 3], [1, 1, 1, 1], [1, 1]),
-            (5, 8, 8, 8, [1, 1], [0, 0, 0, 0], [1, 1]),
-            (2, 16, 12, 17, [3, 5], [2, 0, 1, 3], [2, 1]),
-            (16, 16, 8, 8, [3, 3], [1, 1, 1, 1], [1, 1]),
-            (3, 8, 5, 3, [3, 3], [1, 1, 1, 1], [1, 1]),
+        // (cg, m, h, w, kernel, pads, dilation, strides)
+        for (cg, m, h, w, k, pads, dil, st) in [
+            (3, 16, 32, 32, [3, 3], [1, 1, 1, 1], [1, 1], [1, 1]),
+            (4, 8, 9, 21, [3, 3], [1, 1, 1, 1], [1, 1], [1, 1]),
+            (5, 8, 8, 8, [1, 1], [0, 0, 0, 0], [1, 1], [1, 1]),
+            (2, 16, 12, 17, [3, 5], [2, 0, 1, 3], [2, 1], [1, 1]),
+            (16, 16, 8, 8, [3, 3], [1, 1, 1, 1], [1, 1], [1, 1]),
+            (3, 8, 5, 3, [3, 3], [1, 1, 1, 1], [1, 1], [1, 1]),
+            // strided: phase planes
+            (16, 32, 32, 32, [3, 3], [1, 1, 1, 1], [1, 1], [2, 2]),
+            (4, 8, 11, 13, [3, 2], [0, 1, 2, 0], [1, 1], [2, 1]),
+            (3, 16, 17, 19, [3, 3], [2, 1, 0, 2], [2, 3], [3, 2]),
+            (5, 8, 9, 9, [1, 1], [0, 0, 0, 0], [1, 1], [2, 2]),
         ] {
             let win = Window {
                 kernel: k,
-                strides: [1, 1],
+                strides: st,
                 dilations: dil,
                 pads,
                 auto_pad: AutoPad::NotSet,
                 ceil_mode: false,
             };
             let ([oh, ow], pads) = win.output(h, w).unwrap();
-            assert!(direct_applies(&win));
+            assert!(direct_applies(&win, h, w, pads, oh, ow));
             let kk = cg * k[0] * k[1];
             let x = seq(cg * h * w, 4);
             let wt = seq(m * kk, 5);

@@ -308,7 +308,7 @@ pub(crate) fn conv(
     {
         // AVX-512: packed receptive fields and the 8x32 micro-kernel.
         let mut cols = super::pool::take_zeroed(0);
-        let direct = super::conv_gemm::direct_applies(win);
+        let direct = super::conv_gemm::direct_applies(win, h, wd, pads, oh, ow);
         for img in 0..n {
             let xi = &x.data[img * c * h * wd..(img + 1) * c * h * wd];
             let oi = &mut out[img * m * p..(img + 1) * m * p];
