@@ -12,6 +12,8 @@ use crate::model::Window;
 
 pub const MR: usize = 8;
 pub const NR: usize = 32;
+/// Vectors of 16 positions per direct micro-kernel call.
+pub const VECTORS: usize = 2;
 
 /// What happens to each output after its sum: `+ residual` (a tensor laid out like the
 /// output), then `max(0, .)`. This is a Conv followed by an Add and / or a Relu, run as one
@@ -241,27 +243,6 @@ pub fn gemm_packed(
     }
 }
 
-/// Direct convolution: no im2col. The input image is copied once into a zero-padded buffer;
-/// each micro-kernel call computes 8 output channels x two vectors of 16 lanes, and reads the
-/// receptive field of every tap k straight from the buffer at the offset `offs[k]`.
-///
-/// Strides: the padded image of each channel is split into `sh x sw` phase planes (plane
-/// `(a, b)` holds the rows `= a` and columns `= b` modulo the stride), each `hs x ws`. The tap
-/// `(ki, kj)` of output `(oy, ox)` reads padded row `oy * sh + ki * dh`, which is row
-/// `oy + ki * dh / sh` of phase `ki * dh % sh` (columns alike): within one plane, consecutive
-/// outputs read consecutive values, as at stride 1 (one plane, `ws` = padded width).
-///
-/// A vector covers 16 consecutive positions of a plane, `q = oy * ws + ox`, and a lane mask
-/// says which of them are outputs (`ox < ow`). Two layouts of the vectors:
-/// - runs: up to 16 positions within one output row (rows of 16 or 32 fill every lane);
-/// - pitch: the vectors tile `q` without regard to rows, so one vector spans row ends; the
-///   lanes of the `wp - ow` padding columns are masked off (an 8-wide row then fills 80 % of
-///   the lanes instead of 50 %).
-///
-/// The layout with more useful lanes is used. The valid lanes of a vector are outputs at
-/// consecutive indices of the row-major output, so the kernel compresses them and stores
-/// them as one run. Same bias-then-FMA order per output as the GEMM path and the scalar
-/// specification.
 /// Whether every output's receptive field lies inside the padded image (always so for a
 /// Conv's own output size; checked, not assumed, since the kernel reads without bounds).
 pub fn direct_applies(
@@ -281,13 +262,54 @@ pub fn direct_applies(
     fits(oh, h, 0) && fits(ow, w, 1)
 }
 
-/// One vector of the direct kernel: padded-image base position, lane mask, output index of
-/// its first valid lane.
+/// Most distinct tap masks of one vector (the span layout needs one per kernel column).
+pub const TAP_MASKS: usize = 8;
+
+/// One vector of the direct kernel: buffer base position, the lanes it reads for a tap
+/// whose mask class is `t` (`taps[t]`), the lanes that are outputs (`mask`), and the output
+/// index of its first output lane.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Lanes {
     pub base: usize,
+    pub taps: [u16; TAP_MASKS],
     pub mask: u16,
     pub at: usize,
+}
+
+impl Lanes {
+    /// A vector that reads the lanes it stores, for every tap.
+    fn plain(base: usize, mask: u16, at: usize) -> Lanes {
+        Lanes {
+            base,
+            taps: [mask; TAP_MASKS],
+            mask,
+            at,
+        }
+    }
+}
+
+/// The span layout (see [`conv_direct`]): vectors of 16 consecutive outputs of an `oh x w`
+/// output with kernel columns `kw` (at most [`TAP_MASKS`]) at dilation `dw` and left padding
+/// `pl`; the tap mask of class `kj` keeps the lanes whose column `ox + kj * dw - pl` is
+/// inside `0..w`.
+pub fn span_lanes(oh: usize, w: usize, kw: usize, dw: usize, pl: usize) -> Vec<Lanes> {
+    let n = oh * w;
+    (0..n)
+        .step_by(16)
+        .map(|q0| {
+            let mut l = Lanes::plain(q0, 0, q0);
+            for j in 0..16.min(n - q0) {
+                l.mask |= 1 << j;
+                let ox = (q0 + j) % w;
+                for (kj, t) in l.taps.iter_mut().enumerate().take(kw) {
+                    if (ox + kj * dw).checked_sub(pl).is_some_and(|c| c < w) {
+                        *t |= 1 << j;
+                    }
+                }
+            }
+            l
+        })
+        .collect()
 }
 
 /// The vectors covering an `oh x ow` output on a padded image of row pitch `wp` (see
@@ -301,11 +323,11 @@ pub fn direct_lanes(oh: usize, ow: usize, wp: usize) -> Vec<Lanes> {
             let mut ox = 0;
             while ox < ow {
                 let len = (ow - ox).min(16);
-                out.push(Lanes {
-                    base: oy * wp + ox,
-                    mask: ((1u32 << len) - 1) as u16,
-                    at: oy * ow + ox,
-                });
+                out.push(Lanes::plain(
+                    oy * wp + ox,
+                    ((1u32 << len) - 1) as u16,
+                    oy * ow + ox,
+                ));
                 ox += len;
             }
         }
@@ -324,13 +346,40 @@ pub fn direct_lanes(oh: usize, ow: usize, wp: usize) -> Vec<Lanes> {
             }
         }
         if let Some(at) = at {
-            out.push(Lanes { base: q0, mask, at });
+            out.push(Lanes::plain(q0, mask, at));
         }
         q0 += 16;
     }
     out
 }
 
+/// Direct convolution: no im2col. The input image is copied once into a zero-padded buffer;
+/// each micro-kernel call computes 8 output channels x two vectors of 16 lanes, and reads the
+/// receptive field of every tap k straight from the buffer at the offset `offs[k]`.
+///
+/// Strides: the padded image of each channel is split into `sh x sw` phase planes (plane
+/// `(a, b)` holds the rows `= a` and columns `= b` modulo the stride), each `hs x ws`. The tap
+/// `(ki, kj)` of output `(oy, ox)` reads padded row `oy * sh + ki * dh`, which is row
+/// `oy + ki * dh / sh` of phase `ki * dh % sh` (columns alike): within one plane, consecutive
+/// outputs read consecutive values, as at stride 1 (one plane, `ws` = padded width).
+///
+/// A vector covers 16 consecutive positions of a plane, `q = oy * ws + ox`; per tap a lane
+/// mask says which lanes to read (the others read as zero) and a store mask which lanes are
+/// outputs. Three layouts of the vectors ([`direct_lanes`], [`span_lanes`]):
+/// - runs: up to 16 positions within one output row (rows of 16 or 32 fill every lane);
+/// - pitch: the vectors tile `q` without regard to rows, so one vector spans row ends; the
+///   lanes of the `wp - ow` padding columns are masked off (an 8-wide row then fills 80 % of
+///   the lanes instead of 50 %);
+/// - span (stride 1, `ow == w`): the buffer has no padding columns, rows of pitch `w`, so
+///   `q` is the output index and every lane is an output; a tap that would read a padding
+///   column reads, at that lane, a value of the neighbouring row, so its mask turns that
+///   lane off (the zero the padding would give).
+///
+/// The layout with the most useful lanes is used. The valid lanes of a vector are outputs at
+/// consecutive indices of the row-major output, so the kernel compresses them and stores
+/// them as one run. Same bias-then-FMA order per output as the GEMM path and the scalar
+/// specification.
+///
 /// `x`: one image `[cg, h, w]` (channels of one group); `out`: its `[M, oh * ow]` output rows
 /// for this group (row stride `ldc`).
 #[allow(clippy::too_many_arguments)]
@@ -362,6 +411,31 @@ pub fn conv_direct(
         (w + pads[1] + pads[3]).div_ceil(sw),
     );
     let plane = hs * ws;
+    let vectors = direct_lanes(oh, ow, ws);
+    if uses_span(win, w, oh, ow, vectors.len()) {
+        let hp = hs;
+        let (pl, pr) = (pads[1], pads[3]);
+        padded.clear();
+        padded.resize(pl + cg * hp * w + pr + 16, 0.0);
+        for (c, xc) in x.chunks_exact(h * w).take(cg).enumerate() {
+            let dst = pl + (c * hp + pads[0]) * w;
+            padded[dst..dst + h * w].copy_from_slice(xc);
+        }
+        // Tap (c, ki, kj) of output q reads q + offs: the column may fall in the previous or
+        // next row (or the guards at the ends), where its mask turns the lane off.
+        let offs: Vec<usize> = (0..cg * kh * kw)
+            .map(|t| {
+                let (c, ki, kj) = (t / (kh * kw), t / kw % kh, t % kw);
+                (c * hp + ki * dh) * w + kj * dw
+            })
+            .collect();
+        let cls: Vec<u8> = (0..cg * kh * kw).map(|t| (t % kw) as u8).collect();
+        let vectors = span_lanes(oh, w, kw, dw, pl);
+        direct_tiles(
+            pw, &offs, &cls, padded, &vectors, bias, out, ldc, epi, avx512,
+        );
+        return;
+    }
     // The index of padded position (c, py, px).
     let at = |c: usize, py: usize, px: usize| {
         ((c * sh + py % sh) * sw + px % sw) * plane + py / sh * ws + px / sw
@@ -404,19 +478,52 @@ pub fn conv_direct(
     let offs: Vec<usize> = (0..cg)
         .flat_map(|c| taps.iter().map(move |&t| c * sh * sw * plane + t))
         .collect();
-    debug_assert_eq!(offs.len(), pw.k);
     // Every valid lane reads inside `padded` (direct_applies: the padded row oy * sh + ki * dh
     // exists, so does row oy + ki * dh / sh of its plane; columns alike); masked-off lanes
     // are not read.
-    let vectors = direct_lanes(oh, ow, ws);
+    let cls = vec![0u8; offs.len()];
+    direct_tiles(
+        pw, &offs, &cls, padded, &vectors, bias, out, ldc, epi, avx512,
+    );
+}
+
+/// Whether [`conv_direct`] uses the span layout: stride 1, output as wide as the input, at
+/// most [`TAP_MASKS`] kernel columns, and fewer vectors than the `padded` vectors of the
+/// other layouts.
+pub fn uses_span(win: &Window, w: usize, oh: usize, ow: usize, padded: usize) -> bool {
+    win.strides == [1, 1]
+        && ow == w
+        && win.kernel[1] <= TAP_MASKS
+        && (oh * ow).div_ceil(16) < padded
+}
+
+/// Runs the direct micro-kernel over every group of [`VECTORS`] vectors and every tile of 8
+/// output channels; `cls[k]` is the tap mask class of tap k.
+#[allow(clippy::too_many_arguments)]
+fn direct_tiles(
+    pw: &PackedWeight,
+    offs: &[usize],
+    cls: &[u8],
+    padded: &[f32],
+    vectors: &[Lanes],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    ldc: usize,
+    epi: Epilogue,
+    avx512: bool,
+) {
+    assert!(offs.len() == pw.k && cls.len() == pw.k);
+    assert!(cls.iter().all(|&c| (c as usize) < TAP_MASKS));
     let zeros = [0.0f32; MR];
     const NONE: Lanes = Lanes {
         base: 0,
+        taps: [0; TAP_MASKS],
         mask: 0,
         at: 0,
     };
-    for pair in vectors.chunks(2) {
-        let v = [pair[0], pair.get(1).copied().unwrap_or(NONE)];
+    for group in vectors.chunks(VECTORS) {
+        let mut v = [NONE; VECTORS];
+        v[..group.len()].copy_from_slice(group);
         for tile in 0..pw.m / MR {
             let a = &pw.data[tile * pw.k * MR..(tile + 1) * pw.k * MR];
             let bt: &[f32] = match bias {
@@ -430,25 +537,27 @@ pub fn conv_direct(
                 // `padded` (see above) and every store inside `out` (`at` + popcount of the
                 // mask <= oh * ow, 8 rows at stride ldc).
                 unsafe {
-                    x86::kernel_8x2x16_indirect(a, &offs, padded, v, bt, out, rows, ldc, epi)
+                    x86::kernel_8x2x16_indirect(a, offs, cls, padded, v, bt, out, rows, ldc, epi)
                 };
                 continue;
             }
             let _ = avx512;
-            kernel_8x2x16_indirect_scalar(a, &offs, padded, v, bt, out, rows, ldc, epi);
+            kernel_8x2x16_indirect_scalar(a, offs, cls, padded, v, bt, out, rows, ldc, epi);
         }
     }
 }
 
-/// Specification of the direct micro-kernel: for each vector and each of its valid lanes in
+/// Specification of the direct micro-kernel: for each vector and each of its output lanes in
 /// order, one output (bias, then `mul_add` in k order, then the epilogue) at the next output
-/// index from `at`.
+/// index from `at`. Tap k reads `x[base + offs[k] + lane]` where the vector's mask of class
+/// `cls[k]` has the lane, and 0 elsewhere.
 #[allow(clippy::too_many_arguments)]
 pub fn kernel_8x2x16_indirect_scalar(
     a: &[f32],
     offs: &[usize],
+    cls: &[u8],
     x: &[f32],
-    v: [Lanes; 2],
+    v: [Lanes; VECTORS],
     bias: &[f32],
     out: &mut [f32],
     rows: usize,
@@ -460,8 +569,10 @@ pub fn kernel_8x2x16_indirect_scalar(
             let valid = (0..16).filter(|j| half.mask >> j & 1 == 1);
             for (at, j) in (rows + r * ldc + half.at..).zip(valid) {
                 let mut acc = bias[r];
-                for (kk, &o) in offs.iter().enumerate() {
-                    acc = a[kk * MR + r].mul_add(x[half.base + o + j], acc);
+                for (kk, (&o, &c)) in offs.iter().zip(cls).enumerate() {
+                    let read = half.taps[c as usize] >> j & 1 == 1;
+                    let xv = if read { x[half.base + o + j] } else { 0.0 };
+                    acc = a[kk * MR + r].mul_add(xv, acc);
                 }
                 out[at] = epi.apply(at, acc);
             }
@@ -506,7 +617,7 @@ pub fn kernel_8x32_scalar(
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)]
 mod x86 {
-    use super::{MR, NR};
+    use super::{MR, NR, VECTORS};
     use std::arch::x86_64::*;
 
     /// The epilogue on one vector of outputs, the first at index `at` of the residual, `m`
@@ -583,44 +694,45 @@ mod x86 {
     pub unsafe fn kernel_8x2x16_indirect(
         a: &[f32],
         offs: &[usize],
+        cls: &[u8],
         x: &[f32],
-        v: [super::Lanes; 2],
+        v: [super::Lanes; VECTORS],
         bias: &[f32],
         out: &mut [f32],
         rows: usize,
         ldc: usize,
         epi: super::Epilogue,
     ) {
-        let (m0, m1) = (v[0].mask, v[1].mask);
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let m = v.map(|l| l.mask);
+        let mut acc = [[_mm512_setzero_ps(); VECTORS]; MR];
         for r in 0..MR {
-            let b = _mm512_set1_ps(bias[r]);
-            acc[r] = [b, b];
+            acc[r] = [_mm512_set1_ps(bias[r]); VECTORS];
         }
         let xp = x.as_ptr();
-        let p0 = xp.add(v[0].base);
-        let p1 = xp.add(v[1].base);
+        let p = v.map(|l| xp.add(l.base));
         let mut ap = a.as_ptr();
-        for &o in offs {
-            let b0 = _mm512_maskz_loadu_ps(m0, p0.add(o));
-            let b1 = _mm512_maskz_loadu_ps(m1, p1.add(o));
+        for (&o, &c) in offs.iter().zip(cls) {
+            let mut b = [_mm512_setzero_ps(); VECTORS];
+            for j in 0..VECTORS {
+                b[j] = _mm512_maskz_loadu_ps(*v[j].taps.get_unchecked(c as usize), p[j].add(o));
+            }
             for r in 0..MR {
                 let wv = _mm512_set1_ps(*ap.add(r));
-                acc[r][0] = _mm512_fmadd_ps(wv, b0, acc[r][0]);
-                acc[r][1] = _mm512_fmadd_ps(wv, b1, acc[r][1]);
+                for j in 0..VECTORS {
+                    acc[r][j] = _mm512_fmadd_ps(wv, b[j], acc[r][j]);
+                }
             }
             ap = ap.add(MR);
         }
         // The valid lanes, packed to the low end, are consecutive outputs.
-        let s0 = ((1u32 << m0.count_ones()) - 1) as u16;
-        let s1 = ((1u32 << m1.count_ones()) - 1) as u16;
+        let s = m.map(|m| ((1u32 << m.count_ones()) - 1) as u16);
         let op = out.as_mut_ptr();
-        for (r, pair) in acc.iter().enumerate() {
-            let (at0, at1) = (rows + r * ldc + v[0].at, rows + r * ldc + v[1].at);
-            let c0 = finish(_mm512_maskz_compress_ps(m0, pair[0]), &epi, at0, s0);
-            let c1 = finish(_mm512_maskz_compress_ps(m1, pair[1]), &epi, at1, s1);
-            _mm512_mask_storeu_ps(op.add(at0), s0, c0);
-            _mm512_mask_storeu_ps(op.add(at1), s1, c1);
+        for (r, row) in acc.iter().enumerate() {
+            for j in 0..VECTORS {
+                let at = rows + r * ldc + v[j].at;
+                let c = finish(_mm512_maskz_compress_ps(m[j], row[j]), &epi, at, s[j]);
+                _mm512_mask_storeu_ps(op.add(at), s[j], c);
+            }
         }
     }
 }
@@ -756,6 +868,7 @@ mod tests {
     #[test]
     fn direct_conv_simd_is_bit_identical_to_scalar_and_to_the_gemm_path() {
         use crate::model::AutoPad;
+        let mut spans = 0;
         // (cg, m, h, w, kernel, pads, dilation, strides)
         for (cg, m, h, w, k, pads, dil, st) in [
             (3, 16, 32, 32, [3, 3], [1, 1, 1, 1], [1, 1], [1, 1]),
@@ -780,6 +893,8 @@ mod tests {
             };
             let ([oh, ow], pads) = win.output(h, w).unwrap();
             assert!(direct_applies(&win, h, w, pads, oh, ow));
+            let wp = (w + pads[1] + pads[3]).div_ceil(st[1]);
+            spans += uses_span(&win, w, oh, ow, direct_lanes(oh, ow, wp).len()) as usize;
             let kk = cg * k[0] * k[1];
             let x = seq(cg * h * w, 4);
             let wt = seq(m * kk, 5);
@@ -845,5 +960,6 @@ mod tests {
                 }
             }
         }
+        assert!(spans >= 3, "only {spans} cases used the span layout");
     }
 }
