@@ -288,7 +288,7 @@ impl Lanes {
     }
 }
 
-/// The span layout (see [`conv_direct`]): vectors of 16 consecutive outputs of an `oh x w`
+/// The span layout (see [`DirectPlan`]): vectors of 16 consecutive outputs of an `oh x w`
 /// output with kernel columns `kw` (at most [`TAP_MASKS`]) at dilation `dw` and left padding
 /// `pl`; the tap mask of class `kj` keeps the lanes whose column `ox + kj * dw - pl` is
 /// inside `0..w`.
@@ -313,7 +313,7 @@ pub fn span_lanes(oh: usize, w: usize, kw: usize, dw: usize, pl: usize) -> Vec<L
 }
 
 /// The vectors covering an `oh x ow` output on a padded image of row pitch `wp` (see
-/// [`conv_direct`]); runs or pitch layout, whichever has fewer empty lanes.
+/// [`DirectPlan`]); runs or pitch layout, whichever has fewer empty lanes.
 pub fn direct_lanes(oh: usize, ow: usize, wp: usize) -> Vec<Lanes> {
     let runs_per_row = ow.div_ceil(16);
     let mut out = Vec::new();
@@ -353,6 +353,33 @@ pub fn direct_lanes(oh: usize, ow: usize, wp: usize) -> Vec<Lanes> {
     out
 }
 
+/// One image through a fresh [`DirectPlan`] (the tests' entry point).
+#[cfg(test)]
+#[allow(clippy::too_many_arguments)]
+pub fn conv_direct(
+    pw: &PackedWeight,
+    x: &[f32],
+    h: usize,
+    w: usize,
+    cg: usize,
+    win: &Window,
+    pads: [usize; 4],
+    oh: usize,
+    ow: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    ldc: usize,
+    epi: Epilogue,
+    padded: &mut Vec<f32>,
+    avx512: bool,
+) {
+    let plan = DirectPlan::new(h, w, cg, win, pads, oh, ow);
+    padded.clear();
+    padded.resize(plan.len, 0.0);
+    plan.fill(x, padded);
+    plan.run(pw, padded, bias, out, ldc, epi, avx512);
+}
+
 /// Direct convolution: no im2col. The input image is copied once into a zero-padded buffer;
 /// each micro-kernel call computes 8 output channels x two vectors of 16 lanes, and reads the
 /// receptive field of every tap k straight from the buffer at the offset `offs[k]`.
@@ -380,114 +407,184 @@ pub fn direct_lanes(oh: usize, ow: usize, wp: usize) -> Vec<Lanes> {
 /// them as one run. Same bias-then-FMA order per output as the GEMM path and the scalar
 /// specification.
 ///
-/// `x`: one image `[cg, h, w]` (channels of one group); `out`: its `[M, oh * ow]` output rows
-/// for this group (row stride `ldc`).
-#[allow(clippy::too_many_arguments)]
-pub fn conv_direct(
-    pw: &PackedWeight,
-    x: &[f32],
+/// A plan holds the geometry of one layer, computed once and used for every image: the
+/// layout, the buffer size, the tap offsets and mask classes, the vectors.
+#[derive(Clone, Debug)]
+pub struct DirectPlan {
+    /// Values in the buffer; [`DirectPlan::fill`] writes the image, never the padding, so a
+    /// buffer zeroed once serves every image.
+    pub len: usize,
+    span: bool,
     h: usize,
     w: usize,
     cg: usize,
-    win: &Window,
     pads: [usize; 4],
+    strides: [usize; 2],
+    hs: usize,
+    ws: usize,
+    plane: usize,
+    /// Strided: where input column xx goes, relative to its row's column-phase-0 start.
+    cols: Vec<usize>,
+    offs: Vec<usize>,
+    cls: Vec<u8>,
+    vectors: Vec<Lanes>,
     oh: usize,
     ow: usize,
-    bias: Option<&[f32]>,
-    out: &mut [f32],
-    ldc: usize,
-    epi: Epilogue,
-    padded: &mut Vec<f32>,
-    avx512: bool,
-) {
-    let need = (pw.m - 1) * ldc + oh * ow;
-    assert!(out.len() >= need && epi.residual.is_none_or(|r| r.len() >= need));
-    assert!(direct_applies(win, h, w, pads, oh, ow));
-    let [kh, kw] = win.kernel;
-    let [dh, dw] = win.dilations;
-    let [sh, sw] = win.strides;
-    let (hs, ws) = (
-        (h + pads[0] + pads[2]).div_ceil(sh),
-        (w + pads[1] + pads[3]).div_ceil(sw),
-    );
-    let plane = hs * ws;
-    let vectors = direct_lanes(oh, ow, ws);
-    if uses_span(win, w, oh, ow, vectors.len()) {
-        let hp = hs;
-        let (pl, pr) = (pads[1], pads[3]);
-        padded.clear();
-        padded.resize(pl + cg * hp * w + pr + 16, 0.0);
-        for (c, xc) in x.chunks_exact(h * w).take(cg).enumerate() {
-            let dst = pl + (c * hp + pads[0]) * w;
-            padded[dst..dst + h * w].copy_from_slice(xc);
-        }
-        // Tap (c, ki, kj) of output q reads q + offs: the column may fall in the previous or
-        // next row (or the guards at the ends), where its mask turns the lane off.
-        let offs: Vec<usize> = (0..cg * kh * kw)
-            .map(|t| {
-                let (c, ki, kj) = (t / (kh * kw), t / kw % kh, t % kw);
-                (c * hp + ki * dh) * w + kj * dw
-            })
-            .collect();
-        let cls: Vec<u8> = (0..cg * kh * kw).map(|t| (t % kw) as u8).collect();
-        let vectors = span_lanes(oh, w, kw, dw, pl);
-        direct_tiles(
-            pw, &offs, &cls, padded, &vectors, bias, out, ldc, epi, avx512,
-        );
-        return;
-    }
-    // The index of padded position (c, py, px).
-    let at = |c: usize, py: usize, px: usize| {
-        ((c * sh + py % sh) * sw + px % sw) * plane + py / sh * ws + px / sw
-    };
-    padded.clear();
-    padded.resize(cg * sh * sw * plane, 0.0);
-    // Strided: where input column xx goes, relative to its row's column-phase-0 start.
-    let cols: Vec<usize> = (0..if sw == 1 { 0 } else { w })
-        .map(|xx| at(0, 0, xx + pads[1]))
-        .collect();
-    let first_row = at(0, pads[0], 0);
-    for (c, xc) in x.chunks_exact(h * w).take(cg).enumerate() {
-        // Padded row py = y + pads[0] is row py / sh of phase py % sh: both advance without
-        // a division per row.
-        let (mut phase, mut row) = (pads[0] % sh, first_row);
-        for src in xc.chunks_exact(w) {
-            let dst = c * sh * sw * plane + row;
-            if sw == 1 {
-                // A loop, not a memcpy call: rows are 8 to 32 values.
-                for (d, &v) in padded[dst + pads[1]..dst + pads[1] + w].iter_mut().zip(src) {
-                    *d = v;
-                }
-            } else {
-                let out = &mut padded[dst..];
-                for (&o, &v) in cols.iter().zip(src) {
-                    out[o] = v;
-                }
-            }
-            phase += 1;
-            row += sw * plane;
-            if phase == sh {
-                phase = 0;
-                row = row - sh * sw * plane + ws;
-            }
-        }
-    }
-    let taps: Vec<usize> = (0..kh * kw)
-        .map(|t| at(0, t / kw * dh, t % kw * dw))
-        .collect();
-    let offs: Vec<usize> = (0..cg)
-        .flat_map(|c| taps.iter().map(move |&t| c * sh * sw * plane + t))
-        .collect();
-    // Every valid lane reads inside `padded` (direct_applies: the padded row oy * sh + ki * dh
-    // exists, so does row oy + ki * dh / sh of its plane; columns alike); masked-off lanes
-    // are not read.
-    let cls = vec![0u8; offs.len()];
-    direct_tiles(
-        pw, &offs, &cls, padded, &vectors, bias, out, ldc, epi, avx512,
-    );
 }
 
-/// Whether [`conv_direct`] uses the span layout: stride 1, output as wide as the input, at
+impl DirectPlan {
+    /// The plan for one image `[cg, h, w]`; the geometry must pass [`direct_applies`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        h: usize,
+        w: usize,
+        cg: usize,
+        win: &Window,
+        pads: [usize; 4],
+        oh: usize,
+        ow: usize,
+    ) -> DirectPlan {
+        assert!(direct_applies(win, h, w, pads, oh, ow));
+        let [kh, kw] = win.kernel;
+        let [dh, dw] = win.dilations;
+        let [sh, sw] = win.strides;
+        let (hs, ws) = (
+            (h + pads[0] + pads[2]).div_ceil(sh),
+            (w + pads[1] + pads[3]).div_ceil(sw),
+        );
+        let plane = hs * ws;
+        let vectors = direct_lanes(oh, ow, ws);
+        let mut plan = DirectPlan {
+            len: 0,
+            span: uses_span(win, w, oh, ow, vectors.len()),
+            h,
+            w,
+            cg,
+            pads,
+            strides: win.strides,
+            hs,
+            ws,
+            plane,
+            cols: Vec::new(),
+            offs: Vec::new(),
+            cls: Vec::new(),
+            vectors,
+            oh,
+            ow,
+        };
+        if plan.span {
+            // Rows of pitch w, `pl` guard values in front: tap (c, ki, kj) of output q reads
+            // q + offs; the column may fall in the previous or next row (or the guards),
+            // where its mask turns the lane off.
+            let hp = hs;
+            plan.len = pads[1] + cg * hp * w + pads[3] + 16;
+            plan.offs = (0..cg * kh * kw)
+                .map(|t| {
+                    let (c, ki, kj) = (t / (kh * kw), t / kw % kh, t % kw);
+                    (c * hp + ki * dh) * w + kj * dw
+                })
+                .collect();
+            plan.cls = (0..cg * kh * kw).map(|t| (t % kw) as u8).collect();
+            plan.vectors = span_lanes(oh, w, kw, dw, pads[1]);
+            return plan;
+        }
+        plan.len = cg * sh * sw * plane;
+        if sw > 1 {
+            plan.cols = (0..w).map(|xx| plan.at(0, 0, xx + pads[1])).collect();
+        }
+        let taps: Vec<usize> = (0..kh * kw)
+            .map(|t| plan.at(0, t / kw * dh, t % kw * dw))
+            .collect();
+        // Every valid lane reads inside the buffer (direct_applies: the padded row
+        // oy * sh + ki * dh exists, so does row oy + ki * dh / sh of its plane; columns
+        // alike); masked-off lanes are not read.
+        plan.offs = (0..cg)
+            .flat_map(|c| taps.iter().map(move |&t| c * sh * sw * plane + t))
+            .collect();
+        plan.cls = vec![0; plan.offs.len()];
+        plan
+    }
+
+    /// The buffer index of padded position (c, py, px) in the phase-plane layouts.
+    fn at(&self, c: usize, py: usize, px: usize) -> usize {
+        let [sh, sw] = self.strides;
+        ((c * sh + py % sh) * sw + px % sw) * self.plane + py / sh * self.ws + px / sw
+    }
+
+    /// Copies image `x` into `buf` (of [`DirectPlan::len`] values, zero where this never
+    /// writes).
+    pub fn fill(&self, x: &[f32], buf: &mut [f32]) {
+        let (h, w, pads) = (self.h, self.w, self.pads);
+        assert!(x.len() >= self.cg * h * w && buf.len() >= self.len);
+        if self.span {
+            let hp = self.hs;
+            for (c, xc) in x.chunks_exact(h * w).take(self.cg).enumerate() {
+                let dst = pads[1] + (c * hp + pads[0]) * w;
+                buf[dst..dst + h * w].copy_from_slice(xc);
+            }
+            return;
+        }
+        let [sh, sw] = self.strides;
+        let (plane, ws) = (self.plane, self.ws);
+        let first_row = self.at(0, pads[0], 0);
+        for (c, xc) in x.chunks_exact(h * w).take(self.cg).enumerate() {
+            // Padded row py = y + pads[0] is row py / sh of phase py % sh: both advance
+            // without a division per row.
+            let (mut phase, mut row) = (pads[0] % sh, first_row);
+            for src in xc.chunks_exact(w) {
+                let dst = c * sh * sw * plane + row;
+                if sw == 1 {
+                    // A loop, not a memcpy call: rows are 8 to 32 values.
+                    for (d, &v) in buf[dst + pads[1]..dst + pads[1] + w].iter_mut().zip(src) {
+                        *d = v;
+                    }
+                } else {
+                    let out = &mut buf[dst..];
+                    for (&o, &v) in self.cols.iter().zip(src) {
+                        out[o] = v;
+                    }
+                }
+                phase += 1;
+                row += sw * plane;
+                if phase == sh {
+                    phase = 0;
+                    row = row - sh * sw * plane + ws;
+                }
+            }
+        }
+    }
+
+    /// The convolution of the image in `buf` (filled by [`DirectPlan::fill`]) into `out`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &self,
+        pw: &PackedWeight,
+        buf: &[f32],
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+        ldc: usize,
+        epi: Epilogue,
+        avx512: bool,
+    ) {
+        let need = (pw.m - 1) * ldc + self.oh * self.ow;
+        assert!(out.len() >= need && epi.residual.is_none_or(|r| r.len() >= need));
+        assert!(buf.len() >= self.len);
+        direct_tiles(
+            pw,
+            &self.offs,
+            &self.cls,
+            buf,
+            &self.vectors,
+            bias,
+            out,
+            ldc,
+            epi,
+            avx512,
+        );
+    }
+}
+
+/// Whether a [`DirectPlan`] uses the span layout: stride 1, output as wide as the input, at
 /// most [`TAP_MASKS`] kernel columns, and fewer vectors than the `padded` vectors of the
 /// other layouts.
 pub fn uses_span(win: &Window, w: usize, oh: usize, ow: usize, padded: usize) -> bool {

@@ -307,8 +307,10 @@ pub(crate) fn conv(
         packed.filter(|pw| pw.len() == group && pw.iter().all(|p| p.m == mg && p.k == k))
     {
         // AVX-512: packed receptive fields and the 8x32 micro-kernel.
-        let mut cols = super::pool::take_zeroed(0);
-        let direct = super::conv_gemm::direct_applies(win, h, wd, pads, oh, ow);
+        let plan = super::conv_gemm::direct_applies(win, h, wd, pads, oh, ow)
+            .then(|| super::conv_gemm::DirectPlan::new(h, wd, cg, win, pads, oh, ow));
+        // The direct path's buffer: zeroed once, only the image part rewritten per image.
+        let mut cols = super::pool::take_zeroed(plan.as_ref().map_or(0, |p| p.len));
         for img in 0..n {
             let xi = &x.data[img * c * h * wd..(img + 1) * c * h * wd];
             let oi = &mut out[img * m * p..(img + 1) * m * p];
@@ -320,11 +322,10 @@ pub(crate) fn conv(
                     residual: residual.map(|r| &r.data[at..at + mg * p]),
                     relu,
                 };
-                if direct {
+                if let Some(plan) = &plan {
                     let og = &mut oi[g * mg * p..(g + 1) * mg * p];
-                    super::conv_gemm::conv_direct(
-                        pwg, xg, h, wd, cg, win, pads, oh, ow, bias, og, p, epi, &mut cols, true,
-                    );
+                    plan.fill(xg, &mut cols);
+                    plan.run(pwg, &cols, bias, og, p, epi, true);
                     continue;
                 }
                 super::conv_gemm::im2col_packed(xg, h, wd, cg, win, pads, oh, ow, &mut cols);
