@@ -16,6 +16,59 @@ fn quiet() -> EvalOptions {
     }
 }
 
+/// ResNet-20 and the CIFAR-10 normalization, the first `calib` training images and the test
+/// split.
+fn resnet20(calib: usize) -> (Graph, quantbench::data::Normalization, Dataset, Dataset) {
+    let root = root();
+    let g = Graph::load(&root.join("models/resnet20/resnet20.onnx")).unwrap();
+    let norm = DatasetKind::Cifar10.default_normalization();
+    let mut train = Dataset::load(&root, DatasetKind::Cifar10, Split::Train).unwrap();
+    train.truncate(calib);
+    let test = Dataset::load(&root, DatasetKind::Cifar10, Split::Test).unwrap();
+    (g, norm, train, test)
+}
+
+/// The int8 model of ResNet-20, calibrated with min-max on `calib` training images.
+fn resnet20_int8(
+    calib: usize,
+) -> (
+    quantbench::engine::int8::Int8Model,
+    Graph,
+    quantbench::data::Normalization,
+    Dataset,
+) {
+    use quantbench::calib::CalibRequest;
+    use quantbench::experiment::{ActEdges, CalibMethod};
+    let (g, norm, calib, test) = resnet20(calib);
+    let req = CalibRequest {
+        bits: 8,
+        method: CalibMethod::Minmax,
+        percentile: 99.99,
+        edges: ActEdges::All,
+    };
+    let k = quantbench_kernels::Kernels::active();
+    let model = quantbench::engine::int8::build(&k, &g, &calib, &norm, &quiet(), req).unwrap();
+    (model, g, norm, test)
+}
+
+/// The same logits for images 0..6 in one batch, alone, and after other batches ran: buffers
+/// reused across steps and runs must not leak values of one run into the next.
+fn same_logits_for_any_batch_and_run_order(run: impl Fn(std::ops::Range<usize>) -> Vec<f32>) {
+    let first = run(0..6);
+    assert_eq!(first.len(), 60);
+    // other images in between leave other values in the reused buffers
+    run(100..164);
+    assert_eq!(first, run(0..6), "a second run of the same batch");
+    for i in 0..6 {
+        run(200 + i..203 + i);
+        assert_eq!(
+            run(i..i + 1)[..],
+            first[i * 10..(i + 1) * 10],
+            "image {i} alone and in the batch"
+        );
+    }
+}
+
 #[test]
 fn resnet20_matches_onnx_runtime_on_all_10000_images() {
     let root = root();
@@ -134,25 +187,10 @@ fn data_files_of_the_wrong_size_or_missing_are_clear_errors() {
 
 #[test]
 fn resnet20_integer_only_matches_its_fake_quant_simulation() {
-    use quantbench::calib::{CalibRequest, FakeQuantHook};
-    use quantbench::engine::int8;
-    use quantbench::experiment::{ActEdges, CalibMethod};
-    use quantbench_kernels::Kernels;
-    let root = root();
-    let g = Graph::load(&root.join("models/resnet20/resnet20.onnx")).unwrap();
-    let norm = DatasetKind::Cifar10.default_normalization();
-    let mut calib = Dataset::load(&root, DatasetKind::Cifar10, Split::Train).unwrap();
-    calib.truncate(512);
-    let mut test = Dataset::load(&root, DatasetKind::Cifar10, Split::Test).unwrap();
+    use quantbench::calib::FakeQuantHook;
+    let (model, g, norm, mut test) = resnet20_int8(512);
     test.truncate(2000);
-    let k = Kernels::active();
-    let req = CalibRequest {
-        bits: 8,
-        method: CalibMethod::Minmax,
-        percentile: 99.99,
-        edges: ActEdges::All,
-    };
-    let model = int8::build(&k, &g, &calib, &norm, &quiet(), req).unwrap();
+    let k = quantbench_kernels::Kernels::active();
     let real = evaluate(&model, &test, &norm, &quiet(), None).unwrap();
     let (sim_graph, points) = model.simulation().unwrap();
     let hook = FakeQuantHook {
@@ -190,40 +228,18 @@ fn resnet20_integer_only_matches_its_fake_quant_simulation() {
 #[test]
 fn integer_only_gives_the_same_logits_for_any_batch_and_run_order() {
     // the int8 engine reuses its activation buffers across steps and runs (stale contents,
-    // never zeroed): a step that left part of its output unwritten would show here as
-    // logits that depend on what ran before
-    use quantbench::calib::CalibRequest;
-    use quantbench::engine::int8;
-    use quantbench::experiment::{ActEdges, CalibMethod};
-    use quantbench_kernels::Kernels;
-    let root = root();
-    let g = Graph::load(&root.join("models/resnet20/resnet20.onnx")).unwrap();
-    let norm = DatasetKind::Cifar10.default_normalization();
-    let mut calib = Dataset::load(&root, DatasetKind::Cifar10, Split::Train).unwrap();
-    calib.truncate(64);
-    let test = Dataset::load(&root, DatasetKind::Cifar10, Split::Test).unwrap();
-    let req = CalibRequest {
-        bits: 8,
-        method: CalibMethod::Minmax,
-        percentile: 99.99,
-        edges: ActEdges::All,
-    };
-    let model = int8::build(&Kernels::active(), &g, &calib, &norm, &quiet(), req).unwrap();
-    let first = model.run(test.batch(0..6, &norm)).unwrap();
-    assert_eq!(first.shape, vec![6, 10]);
-    // other images in between leave other codes in the reused buffers
-    model.run(test.batch(100..164, &norm)).unwrap();
-    let again = model.run(test.batch(0..6, &norm)).unwrap();
-    assert_eq!(first.data, again.data, "a second run of the same batch");
-    for i in 0..6 {
-        model.run(test.batch(200 + i..203 + i, &norm)).unwrap();
-        let one = model.run(test.batch(i..i + 1, &norm)).unwrap();
-        assert_eq!(
-            one.data[..],
-            first.data[i * 10..(i + 1) * 10],
-            "image {i} alone and in the batch"
-        );
-    }
+    // never zeroed): a step that left part of its output unwritten would show here
+    let (model, _, norm, test) = resnet20_int8(64);
+    same_logits_for_any_batch_and_run_order(|r| model.run(test.batch(r, &norm)).unwrap().data);
+}
+
+#[test]
+fn fp32_gives_the_same_logits_for_any_batch_and_run_order() {
+    // the f32 engine draws conv outputs and padded images from a per-thread pool, and zeroes
+    // a padded buffer's border once per batch
+    let (g, norm, _, test) = resnet20(0);
+    let e = Engine::new(&g);
+    same_logits_for_any_batch_and_run_order(|r| e.run(test.batch(r, &norm), None).unwrap().data);
 }
 
 #[test]
