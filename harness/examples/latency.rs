@@ -18,7 +18,11 @@ fn main() {
     let g = Graph::load(&root.join("models/resnet20/resnet20.onnx")).unwrap();
     if std::env::var_os("OPS").is_some() {
         for n in &g.nodes {
-            let ins: Vec<&str> = n.inputs.iter().map(|&v| g.value_names[v].as_str()).collect();
+            let ins: Vec<&str> = n
+                .inputs
+                .iter()
+                .map(|&v| g.value_names[v].as_str())
+                .collect();
             println!("{} {:?} -> {}", n.op.name(), ins, g.value_names[n.output]);
         }
     }

@@ -28,6 +28,17 @@ fn resnet20(calib: usize) -> (Graph, quantbench::data::Normalization, Dataset, D
     (g, norm, train, test)
 }
 
+/// 8-bit activations calibrated with min-max on every edge.
+fn minmax8() -> quantbench::calib::CalibRequest {
+    use quantbench::experiment::{ActEdges, CalibMethod};
+    quantbench::calib::CalibRequest {
+        bits: 8,
+        method: CalibMethod::Minmax,
+        percentile: 99.99,
+        edges: ActEdges::All,
+    }
+}
+
 /// The int8 model of ResNet-20, calibrated with min-max on `calib` training images.
 fn resnet20_int8(
     calib: usize,
@@ -37,15 +48,8 @@ fn resnet20_int8(
     quantbench::data::Normalization,
     Dataset,
 ) {
-    use quantbench::calib::CalibRequest;
-    use quantbench::experiment::{ActEdges, CalibMethod};
     let (g, norm, calib, test) = resnet20(calib);
-    let req = CalibRequest {
-        bits: 8,
-        method: CalibMethod::Minmax,
-        percentile: 99.99,
-        edges: ActEdges::All,
-    };
+    let req = minmax8();
     let k = quantbench_kernels::Kernels::active();
     let model = quantbench::engine::int8::build(&k, &g, &calib, &norm, &quiet(), req).unwrap();
     (model, g, norm, test)
@@ -246,26 +250,16 @@ fn fp32_gives_the_same_logits_for_any_batch_and_run_order() {
 fn integer_only_names_the_node_it_cannot_run() {
     use quantbench::calib::CalibRequest;
     use quantbench::engine::int8;
-    use quantbench::experiment::{ActEdges, CalibMethod};
     use quantbench::model::Op;
-    let root = root();
-    let mut g = Graph::load(&root.join("models/resnet20/resnet20.onnx")).unwrap();
+    let (mut g, norm, calib, _) = resnet20(8);
     let last = g.nodes.len() - 1;
     g.nodes[last].op = Op::Softmax {
         axis: 1,
         legacy: false,
     };
     g.nodes[last].inputs.truncate(1);
-    let mut calib = Dataset::load(&root, DatasetKind::Cifar10, Split::Train).unwrap();
-    calib.truncate(8);
-    let req = CalibRequest {
-        bits: 8,
-        method: CalibMethod::Minmax,
-        percentile: 99.99,
-        edges: ActEdges::All,
-    };
+    let req = minmax8();
     let k = quantbench_kernels::Kernels::active();
-    let norm = DatasetKind::Cifar10.default_normalization();
     let e = int8::build(&k, &g, &calib, &norm, &quiet(), req)
         .err()
         .expect("Softmax has no integer kernel");

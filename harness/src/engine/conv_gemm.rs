@@ -998,27 +998,31 @@ mod tests {
             let bias = seq(m, 6);
             let pw = PackedWeight::new(&wt, m, kk).unwrap();
             let p = oh * ow;
-            let mut buf = Vec::new();
             let residual = seq(m * p, 7);
             for epi in epilogues(&residual) {
-                let mut scalar = vec![f32::NAN; m * p];
-                conv_direct(
-                    &pw,
-                    &x,
-                    h,
-                    w,
-                    cg,
-                    &win,
-                    pads,
-                    oh,
-                    ow,
-                    Some(&bias),
-                    &mut scalar,
-                    p,
-                    epi,
-                    &mut buf,
-                    false,
-                );
+                let direct = |avx512| {
+                    let mut out = vec![f32::NAN; m * p];
+                    let mut buf = Vec::new();
+                    conv_direct(
+                        &pw,
+                        &x,
+                        h,
+                        w,
+                        cg,
+                        &win,
+                        pads,
+                        oh,
+                        ow,
+                        Some(&bias),
+                        &mut out,
+                        p,
+                        epi,
+                        &mut buf,
+                        avx512,
+                    );
+                    out
+                };
+                let scalar = direct(false);
                 // The im2col + packed GEMM path computes the same sums in the same order.
                 let mut cols = Vec::new();
                 im2col_packed(&x, h, w, cg, &win, pads, oh, ow, &mut cols);
@@ -1031,25 +1035,7 @@ mod tests {
                 assert!(same, "direct vs im2col, {cg}x{h}x{w} k{k:?} {epi:?}");
                 #[cfg(target_arch = "x86_64")]
                 if quantbench_kernels::Isa::Avx512.is_supported() {
-                    let mut simd = vec![f32::NAN; m * p];
-                    conv_direct(
-                        &pw,
-                        &x,
-                        h,
-                        w,
-                        cg,
-                        &win,
-                        pads,
-                        oh,
-                        ow,
-                        Some(&bias),
-                        &mut simd,
-                        p,
-                        epi,
-                        &mut buf,
-                        true,
-                    );
-                    let same = simd
+                    let same = direct(true)
                         .iter()
                         .zip(&scalar)
                         .all(|(a, b)| a.to_bits() == b.to_bits());
