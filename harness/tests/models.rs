@@ -244,6 +244,15 @@ fn fp32_gives_the_same_logits_for_any_batch_and_run_order() {
     let (g, norm, _, test) = resnet20(0);
     let e = Engine::new(&g);
     same_logits_for_any_batch_and_run_order(|r| e.run(test.batch(r, &norm), None).unwrap().data);
+    // batches run image by image, fused; with a hook the whole batch goes node by node
+    assert!(e.runs_per_image());
+    struct Watch;
+    impl quantbench::engine::EdgeHook for Watch {
+        fn on_value(&self, _value: usize, _tensor: &mut quantbench::model::Tensor) {}
+    }
+    let fast = e.run(test.batch(0..16, &norm), None).unwrap();
+    let plain = e.run(test.batch(0..16, &norm), Some(&Watch)).unwrap();
+    assert_eq!(fast.data, plain.data);
 }
 
 #[test]

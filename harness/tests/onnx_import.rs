@@ -813,3 +813,103 @@ fn conv_add_relu_fused_equal_node_by_node_and_the_reference() {
         assert_close(&fused, &want, 1e-5);
     }
 }
+
+#[test]
+fn batches_run_image_by_image_only_where_no_op_mixes_images() {
+    let mut r = Seeded(12);
+    let (c, h, w) = (8, 6, 6);
+    let wt = r.vec(c * c * 9);
+    let inits = || {
+        vec![
+            ftensor("w", &[c, c, 3, 3], &wt),
+            ftensor("per_channel", &[1, c, 1, 1], &[0.5; 8]),
+            ftensor("per_batch", &[2, c, 1, 1], &[0.5; 16]),
+            ftensor("lower_rank", &[c, 1, 1], &[0.5; 8]),
+        ]
+    };
+    let conv = || node("Conv", &["x", "w"], "c", vec![ints("pads", &[1, 1, 1, 1])]);
+    let input = [None, Some(c), Some(h), Some(w)];
+    // (name, the nodes after the conv, the declared input shape, image by image?)
+    type Case = (
+        &'static str,
+        Vec<proto::NodeProto>,
+        [Option<usize>; 4],
+        bool,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "add per channel",
+            vec![node("Add", &["c", "per_channel"], "y", vec![])],
+            input,
+            true,
+        ),
+        (
+            "add lower rank",
+            vec![node("Add", &["c", "lower_rank"], "y", vec![])],
+            input,
+            true,
+        ),
+        (
+            "add per batch",
+            vec![node("Add", &["c", "per_batch"], "y", vec![])],
+            input,
+            false,
+        ),
+        (
+            "slice along H",
+            vec![node("Slice", &["c", "s", "e", "a"], "y", vec![])],
+            input,
+            true,
+        ),
+        (
+            "concat along the batch",
+            vec![node("Concat", &["c", "c"], "y", vec![int("axis", 0)])],
+            input,
+            false,
+        ),
+        (
+            "concat along channels",
+            vec![node("Concat", &["c", "c"], "y", vec![int("axis", 1)])],
+            input,
+            true,
+        ),
+        (
+            "flatten then reshape with the batch baked in",
+            vec![
+                node("Flatten", &["c"], "f", vec![]),
+                node("Reshape", &["f", "shape"], "y", vec![]),
+            ],
+            input,
+            false,
+        ),
+        (
+            "fixed batch",
+            vec![node("Relu", &["c"], "y", vec![])],
+            [Some(2), Some(c), Some(h), Some(w)],
+            false,
+        ),
+    ];
+    for (what, tail, inp, want) in cases {
+        let mut nodes = vec![conv()];
+        nodes.extend(tail);
+        let mut init = inits();
+        init.push(itensor("s", &[1]));
+        init.push(itensor("e", &[4]));
+        init.push(itensor("a", &[2]));
+        init.push(itensor("shape", &[2, -1]));
+        let bytes = model(nodes, init, &inp, "y", 13);
+        let g = Graph::from_bytes(&bytes).expect(what);
+        let e = Engine::new(&g);
+        assert_eq!(e.runs_per_image(), want, "{what}");
+        // either way, the batch gives what the engine gives node by node (a hook turns both
+        // the image-by-image schedule and the fusion off)
+        let x = Tensor::new(vec![2, c, h, w], r.vec(2 * c * h * w));
+        let fast = e.run(x.clone(), None).expect(what);
+        let plain = e.run(x, Some(&Watch)).expect(what);
+        assert_eq!(fast.shape, plain.shape, "{what}");
+        assert!(
+            fast.data.iter().zip(&plain.data).all(|(a, b)| a == b),
+            "{what}: image by image differs from the whole batch"
+        );
+    }
+}
