@@ -272,7 +272,9 @@ impl<'g> Engine<'g> {
         let per = input.len() / n;
         let mut shape = input.shape.clone();
         shape[0] = 1;
-        let mut out: Option<Tensor> = None;
+        // The output shape of image 0 (batch 1), and every image's output in order.
+        let mut first: Option<Vec<usize>> = None;
+        let mut data = Vec::new();
         for (b, image) in input.data.chunks_exact(per).enumerate() {
             let x = Tensor::new(shape.clone(), image.to_vec());
             let mut slots = self.start(x, None)?;
@@ -284,20 +286,18 @@ impl<'g> Engine<'g> {
                     y.shape
                 ));
             }
-            let all = out.get_or_insert_with(|| {
-                let mut s = y.shape.clone();
-                s[0] = n;
-                Tensor::new(s, Vec::with_capacity(n * y.len()))
-            });
-            if all.shape[1..] != y.shape[1..] {
+            let s0 = first.get_or_insert_with(|| y.shape.clone());
+            if *s0 != y.shape {
                 return Err(format!(
-                    "image {b} gives output shape {:?}, image 0 gave {:?}",
-                    y.shape, all.shape
+                    "image {b} gives output shape {:?}, image 0 gave {s0:?}",
+                    y.shape
                 ));
             }
-            all.data.extend_from_slice(&y.data);
+            data.extend_from_slice(&y.data);
         }
-        out.ok_or_else(|| "empty batch".to_string())
+        let mut out_shape = first.ok_or_else(|| "empty batch".to_string())?;
+        out_shape[0] = n;
+        Ok(Tensor::new(out_shape, data))
     }
 
     /// The value slots before node 0: only the (checked) input is set. With [`run_nodes`]
