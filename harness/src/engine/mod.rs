@@ -1,7 +1,9 @@
 //! The f32 execution engine: runs an imported [`Graph`] on a batch.
 //!
-//! Convolution is im2col (skipped for 1x1, stride 1, no padding) followed by the `gemm` crate's
-//! f32 GEMM, one call per image and group, single-threaded (the evaluator runs one batch per core).
+//! Convolution on AVX-512 is the direct kernel of [`conv_gemm`] (with Add / Relu fused when no
+//! hook watches), elsewhere im2col and the `gemm` crate's f32 GEMM; single-threaded (the
+//! evaluator runs one batch per core). Without a hook, batches of a graph that never mixes
+//! images run one image at a time.
 //! The engine knows no quantization method; it offers the hooks methods need:
 //! [`Graph::set_constant`] replaces weights, and an [`EdgeHook`] sees (and may change) every
 //! activation as it is produced: fake-quant at edges, calibration statistics.
