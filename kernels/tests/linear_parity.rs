@@ -103,11 +103,12 @@ fn quantize_family_u16_matches_scalar() {
 }
 
 /// Sizes past every size-dependent branch of the SIMD paths (the 256-bit dequantize loop of
-/// the AVX-512 path from 4M elements on).
+/// the AVX-512 path from 4M elements on, its non-temporal quantize stores from 8M on, with an
+/// output that starts off a 64-byte boundary).
 #[test]
 fn large_arrays_match_scalar() {
     let mut rng = Rng::new(6);
-    let n = (1 << 22) + 37;
+    let n = (1 << 23) + 37;
     let p = QuantParams::with_bits(0.02, -7, 8, true).unwrap();
     let x = data(&mut rng, n, 3.0, p.scale(), true);
     let scalar = Kernels::scalar();
@@ -119,6 +120,9 @@ fn large_arrays_match_scalar() {
         let (mut got, mut fg) = (vec![0i8; n], vec![0f32; n]);
         k.quantize(&x, &p, &mut got).unwrap();
         assert!(want == got, "quantize {isa} n={n}");
+        got.fill(0);
+        k.quantize(&x[5..], &p, &mut got[5..]).unwrap();
+        assert!(want[5..] == got[5..], "quantize {isa} n={n} from element 5");
         k.dequantize(&want, &p, &mut fg).unwrap();
         assert!(bits_eq(&fw, &fg), "dequantize {isa} n={n}");
     }
@@ -128,6 +132,18 @@ fn large_arrays_match_scalar() {
     let params: Vec<QuantParams> = (0..4)
         .map(|c| QuantParams::with_bits(0.01 * (c + 1) as f32, c - 2, 8, true).unwrap())
         .collect();
+    let mut qw = vec![0i8; m];
+    scalar
+        .quantize_per_channel(&x[..m], &layout, &params, &mut qw)
+        .unwrap();
+    for isa in isas() {
+        let mut qg = vec![0i8; m];
+        Kernels::new(isa)
+            .unwrap()
+            .quantize_per_channel(&x[..m], &layout, &params, &mut qg)
+            .unwrap();
+        assert!(qw == qg, "quantize_per_channel {isa} n={m}");
+    }
     let mut fw = vec![0f32; m];
     scalar
         .dequantize_per_channel(&want[..m], &layout, &params, &mut fw)

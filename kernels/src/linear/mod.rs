@@ -431,9 +431,20 @@ impl Kernels {
         for p in params {
             p.check_code::<T>()?;
         }
+        // The AVX-512 path picks its store kind on the whole tensor's size, not a run's.
+        #[cfg(target_arch = "x86_64")]
+        let stream = x.len() >= x86_avx512::STREAM_MIN;
         for (s, c) in layout.runs() {
             let e = s + layout.inner;
-            dispatch!(self, quantize::<T>(&x[s..e], &params[c], &mut out[s..e]));
+            let (x, p, out) = (&x[s..e], &params[c], &mut out[s..e]);
+            match self.dispatch() {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: Kernels only holds ISAs the CPU supports.
+                crate::isa::Isa::Avx512 => unsafe {
+                    x86_avx512::quantize_streaming::<T>(x, p, out, stream)
+                },
+                _ => dispatch!(self, quantize::<T>(x, p, out)),
+            }
         }
         Ok(())
     }

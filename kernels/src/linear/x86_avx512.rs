@@ -11,6 +11,10 @@ const RNE: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 /// Elements to prefetch ahead in streaming loops (measured: 1024 f32 = 4 KiB ahead was the
 /// best of 512..4096 for quantize at 256K and 16M elements on a Cascade Lake VM).
 const PREFETCH: usize = 1024;
+/// From this many elements on (the whole tensor), quantize writes full-range 8-bit codes with
+/// non-temporal stores. Measured on a Zen 4 EPYC (32 MiB L3): a tie at 4M elements, 10-35 %
+/// faster from 8M on (24 vs 18 GB/s at 64M), because the stores no longer read the lines first.
+pub(crate) const STREAM_MIN: usize = 1 << 23;
 /// Output elements to prefetch-for-write ahead in dequantize (best of 128..1024, measured).
 const DEQ_PREFETCH: usize = 128;
 /// From this many elements on, dequantize runs the 256-bit loop (see `dequantize`).
@@ -186,6 +190,16 @@ pub unsafe fn min_max(x: &[f32]) -> Option<(f32, f32)> {
 /// The CPU must support AVX-512 F/BW/VL; `out.len() == x.len()`; `p` fits `T`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub unsafe fn quantize<T: Code>(x: &[f32], p: &QuantParams, out: &mut [T]) {
+    quantize_streaming(x, p, out, x.len() >= STREAM_MIN)
+}
+
+/// [`quantize`] with the store kind chosen by the caller: `stream` writes full-range 8-bit
+/// codes with non-temporal stores (per-channel calls decide on the whole tensor's size).
+///
+/// # Safety
+/// As [`quantize`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn quantize_streaming<T: Code>(x: &[f32], p: &QuantParams, out: &mut [T], stream: bool) {
     let c = consts(p);
     let n = x.len();
     let (src, dst) = (x.as_ptr(), out.as_mut_ptr());
@@ -199,6 +213,16 @@ pub unsafe fn quantize<T: Code>(x: &[f32], p: &QuantParams, out: &mut [T]) {
         // clamp(v + zero_point, qmin, qmax).
         let zp16 = _mm512_set1_epi16(p.zero_point as i16);
         let idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        if stream {
+            // codes up to the first 64-byte boundary of `out`, so the loop's stores are aligned
+            let head = dst.align_offset(64).min(n);
+            while i < head {
+                let k = lanes_mask(head - i);
+                let v = _mm512_maskz_loadu_ps(k, src.add(i));
+                store16(dst.add(i), _mm512_add_epi32(round_clamped(v, &c), c.zp), k);
+                i += 16.min(head - i);
+            }
+        }
         while i + 64 <= n {
             let pf = src.wrapping_add(i + PREFETCH) as *const i8;
             _mm_prefetch::<_MM_HINT_T0>(pf);
@@ -216,8 +240,16 @@ pub unsafe fn quantize<T: Code>(x: &[f32], p: &QuantParams, out: &mut [T]) {
             } else {
                 _mm512_packus_epi16(ab, cd)
             };
-            _mm512_storeu_si512(dst.add(i) as *mut _, _mm512_permutexvar_epi32(idx, r));
+            let r = _mm512_permutexvar_epi32(idx, r);
+            if stream {
+                _mm512_stream_si512(dst.add(i) as *mut _, r);
+            } else {
+                _mm512_storeu_si512(dst.add(i) as *mut _, r);
+            }
             i += 64;
+        }
+        if stream {
+            _mm_sfence();
         }
     }
     while i + 64 <= n {
