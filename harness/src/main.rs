@@ -391,7 +391,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let a = quantbench::npy::read_f32(&npy)?;
             let start = std::time::Instant::now();
             let fit = match mode.as_str() {
-                "exact" => quantbench_kernels::kmeans::optimal_1d(&a.data, clusters),
+                "exact" => k.kmeans_optimal(&a.data, clusters),
                 "fast" => k.kmeans_fast(&a.data, clusters),
                 other => return Err(format!("--mode {other}: expected exact or fast")),
             }

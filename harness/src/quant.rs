@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use quantbench_kernels::fixed_point::{FixedPointFormat, Rounding};
-use quantbench_kernels::kmeans;
 use quantbench_kernels::pack::pack_codes;
 use quantbench_kernels::{ChannelLayout, Kernels, LinearScheme, QuantParams};
 
@@ -145,8 +144,8 @@ pub fn quantize_weight(
             let clusters = 1usize << bits;
             let layout = layout_for(&w.shape, axis, granularity)?;
             let fits = match (&layout, mode) {
-                (Some(l), KMeansMode::Exact) => kmeans::optimal_1d_per_channel(x, l, clusters),
-                (None, KMeansMode::Exact) => kmeans::optimal_1d(x, clusters).map(|f| vec![f]),
+                (Some(l), KMeansMode::Exact) => k.kmeans_optimal_per_channel(x, l, clusters),
+                (None, KMeansMode::Exact) => k.kmeans_optimal(x, clusters).map(|f| vec![f]),
                 (Some(l), KMeansMode::Fast) => l
                     .gather(x)
                     .and_then(|chs| chs.iter().map(|v| k.kmeans_fast(v, clusters)).collect()),

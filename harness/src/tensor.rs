@@ -297,8 +297,8 @@ fn kmeans(
     let index_bits = (clusters as u32).next_power_of_two().trailing_zeros();
     let x = &req.values;
     let fits = match (&layout, req.kmeans_fast) {
-        (Some(l), false) => kmeans::optimal_1d_per_channel(x, l, clusters),
-        (None, false) => kmeans::optimal_1d(x, clusters).map(|f| vec![f]),
+        (Some(l), false) => k.kmeans_optimal_per_channel(x, l, clusters),
+        (None, false) => k.kmeans_optimal(x, clusters).map(|f| vec![f]),
         (Some(l), true) => l
             .gather(x)
             .and_then(|chs| chs.iter().map(|v| k.kmeans_fast(v, clusters)).collect()),

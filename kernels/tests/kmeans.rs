@@ -151,6 +151,70 @@ fn optimal_against_quadratic_dp() {
     }
 }
 
+/// The SIMD scans of the dynamic program evaluate every candidate with the reference's
+/// operations: same codebook and same SSE, bit for bit, on every ISA, for the exact mode and
+/// for the fast mode (whose bins go through the same program).
+#[test]
+fn dynamic_program_matches_scalar_on_every_isa() {
+    let mut rng = Rng::new(36);
+    let mut cases = Vec::new();
+    for &(n, k, ints) in &[
+        (1usize, 1usize, false),
+        (9, 2, true),
+        (40, 7, true),
+        (333, 5, false),
+        (1000, 256, true),
+        (2049, 33, false),
+        (5000, 16, true),
+        (20_000, 3, false),
+        (20_000, 256, false),
+    ] {
+        // small integers give repeated values, i.e. weights above 1
+        let x: Vec<f32> = (0..n)
+            .map(|_| {
+                if ints {
+                    rng.range_i32(-300, 300) as f32
+                } else {
+                    rng.normalish(2.0)
+                }
+            })
+            .collect();
+        cases.push((x, k));
+    }
+    // evenly spaced values (once or twice each) with k not dividing their count: many
+    // partitions tie exactly (the sums are exact in f64), so the tie-breaking is compared too
+    for &(n, k, copies) in &[
+        (5usize, 2usize, 1usize),
+        (10, 3, 1),
+        (101, 7, 1),
+        (1000, 16, 2),
+        (999, 64, 1),
+    ] {
+        let x: Vec<f32> = (0..n * copies)
+            .map(|i| (i / copies) as f32 * 2.0 + 1.0)
+            .collect();
+        cases.push((x, k));
+    }
+    for (x, k) in &cases {
+        let (n, k) = (x.len(), *k);
+        let want = optimal_1d(x, k).unwrap();
+        let want_fast = Kernels::scalar().kmeans_fast(x, k).unwrap();
+        for isa in isas() {
+            let kern = Kernels::new(isa).unwrap();
+            let got = kern.kmeans_optimal(x, k).unwrap();
+            assert_eq!(got.codebook, want.codebook, "{isa} n={n} k={k}");
+            assert_eq!(got.sse.to_bits(), want.sse.to_bits(), "{isa} n={n} k={k}");
+            let fast = kern.kmeans_fast(x, k).unwrap();
+            assert_eq!(fast.codebook, want_fast.codebook, "fast {isa} n={n} k={k}");
+            assert_eq!(
+                fast.sse.to_bits(),
+                want_fast.sse.to_bits(),
+                "fast {isa} n={n} k={k}"
+            );
+        }
+    }
+}
+
 #[test]
 fn degenerate_inputs() {
     assert_eq!(optimal_1d(&[], 4).unwrap().codebook.centroids(), &[0.0]);

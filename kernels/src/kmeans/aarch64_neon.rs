@@ -4,7 +4,7 @@
 
 use std::arch::aarch64::*;
 
-use super::{scalar, Codebook};
+use super::{layer_with, scalar, Codebook, Rows};
 
 /// # Safety
 /// The CPU must support NEON; `out.len() == x.len()`.
@@ -67,4 +67,24 @@ pub unsafe fn decode(idx: &[u8], cb: &Codebook, out: &mut [f32]) {
         i += 8;
     }
     scalar::decode(&idx[i..], cb, &mut out[i..]);
+}
+
+/// One layer of the dynamic program, its rows scanned by [`scalar::dp_row`] (no 2-lane f64
+/// NEON scan is written yet).
+///
+/// # Safety
+/// Safe to call on any aarch64 CPU; `unsafe` only for the dispatch signature.
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn dp_layer(
+    r: &Rows,
+    cur: &mut [f64],
+    arg: &mut [u32],
+    lo: usize,
+    hi: usize,
+    opt_lo: usize,
+    opt_hi: usize,
+) {
+    layer_with(cur, arg, lo, hi, opt_lo, opt_hi, |j, a, b| {
+        scalar::dp_row(r, j, a, b)
+    });
 }

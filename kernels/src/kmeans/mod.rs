@@ -6,9 +6,12 @@
 //!   local optimum: in one dimension optimal clusters are contiguous runs of the sorted values,
 //!   so a dynamic program over the sorted distinct values (with multiplicities as weights)
 //!   is exact; its layers are monotone-argmin problems (the cost is Monge) solved by divide
-//!   and conquer, O(k m log m) for m distinct values (Wang & Song 2011, Gronlund et al. 2017).
-//!   (A SMAWK version, O(k m), measured slower here: its evaluations are branchy and
-//!   latency-bound, while the divide-and-conquer scans vectorise.)
+//!   and conquer, O(k m log m) for m distinct values (Wang & Song 2011, Gronlund et al. 2017),
+//!   here iteratively, coarse rows first (`layer_with`). Each row scans its candidates; the
+//!   SIMD scans ([`Kernels::kmeans_optimal`]) compute each candidate with the reference's
+//!   operations, so every ISA returns the same codebook bit for bit. (A SMAWK version,
+//!   O(k m), measured slower here: its evaluations are branchy and latency-bound. Solving 8
+//!   rows at once with gathers, one per lane, measured 1.4-3x slower on a Zen 4.)
 //! * Ties (several partitions with the same SSE) are broken toward the leftmost boundaries:
 //!   each cluster ends as early as possible, scanning from the first value (up to f64 rounding
 //!   of the costs). For [1, 3, 5, 7, 9] and k = 2 that is {1, 3}, {5, 7, 9}: centroids 2 and 7.
@@ -183,55 +186,92 @@ impl Prefix {
     }
 }
 
-/// One layer of the dynamic program: `cur[j] = min_{i < j} prev[i] + cost(i, j)` for `j` in
-/// `lo..=hi`, with the leftmost argmin, by divide and conquer on the monotone argmin (the cost
-/// is Monge). Each row's candidates are evaluated into `scratch` by a branch-free loop the
-/// compiler vectorises, then reduced.
+/// Rows `lo..=hi` of one layer of the dynamic program,
+/// `cur[j] = min_{i < j} prev[i] + cost(i, j)` with its leftmost argmin in `arg[j]`, the
+/// argmin of row `lo - 1` being `opt_lo` and of row `hi + 1` at most `opt_hi`.
+///
+/// The cost is Monge, so leftmost argmins never decrease with `j`: once rows `j - s` and
+/// `j + s` are solved, row `j` only has to scan the candidates between their argmins. Rows
+/// are solved coarse to fine without recursion: first every `S`-th row (`S` the largest power
+/// of two up to the row count), then the rows half-way between, down to stride 1; each row's
+/// scan is `row(j, first, last) -> (min, leftmost argmin)` over `first..=last`. The same
+/// rows, bounds and minima as a recursive divide and conquer, O(m log m) evaluations.
 #[allow(clippy::too_many_arguments)]
-fn layer(
-    p: &Prefix,
-    prev: &[f64],
+#[inline(always)]
+pub(crate) fn layer_with(
     cur: &mut [f64],
     arg: &mut [u32],
-    scratch: &mut Vec<f64>,
     lo: usize,
     hi: usize,
     opt_lo: usize,
     opt_hi: usize,
+    mut row: impl FnMut(usize, usize, usize) -> (f64, usize),
 ) {
     if lo > hi {
         return;
     }
-    let mid = (lo + hi) / 2;
-    let top = opt_hi.min(mid - 1);
-    let (wj, s1j, s2j) = (p.w[mid], p.s1[mid], p.s2[mid]);
-    scratch.clear();
-    scratch.extend(
-        prev[opt_lo..=top]
-            .iter()
-            .zip(&p.w[opt_lo..=top])
-            .zip(&p.s1[opt_lo..=top])
-            .zip(&p.s2[opt_lo..=top])
-            .map(|(((&before, &w), &s1), &s2)| {
-                let s = s1j - s1;
-                before + ((s2j - s2) - s * s / (wj - w)).max(0.0)
-            }),
-    );
-    let best = scratch
-        .iter()
-        .fold(f64::INFINITY, |a, &b| if b < a { b } else { a });
-    let best_i = opt_lo + scratch.iter().position(|&v| v == best).unwrap_or(0);
-    cur[mid] = best;
-    arg[mid] = best_i as u32;
-    if mid > lo {
-        layer(p, prev, cur, arg, scratch, lo, mid - 1, opt_lo, best_i);
+    let rows = hi - lo + 1;
+    let mut s = 1usize << (usize::BITS - 1 - rows.leading_zeros());
+    loop {
+        // rows t with t + 1 an odd multiple of s; t - s and t + s were solved before
+        let mut t = s - 1;
+        while t < rows {
+            let (j, first, last) = row_bounds(arg, lo, rows, opt_lo, opt_hi, s, t);
+            let (best, at) = row(j, first, last);
+            cur[j] = best;
+            arg[j] = at as u32;
+            t += 2 * s;
+        }
+        if s == 1 {
+            break;
+        }
+        s /= 2;
     }
-    layer(p, prev, cur, arg, scratch, mid + 1, hi, best_i, opt_hi);
+}
+
+/// Row `j = lo + t` of a level of stride `s` in [`layer_with`] and its candidates
+/// `first..=last`: from the argmin of row `j - s` (or `opt_lo`) to that of row `j + s` (or
+/// `opt_hi`), at most `j - 1`.
+#[inline(always)]
+pub(crate) fn row_bounds(
+    arg: &[u32],
+    lo: usize,
+    rows: usize,
+    opt_lo: usize,
+    opt_hi: usize,
+    s: usize,
+    t: usize,
+) -> (usize, usize, usize) {
+    let first = if t >= s {
+        arg[lo + t - s] as usize
+    } else {
+        opt_lo
+    };
+    let last = if t + s < rows {
+        arg[lo + t + s] as usize
+    } else {
+        opt_hi
+    };
+    let j = lo + t;
+    (j, first, last.min(j - 1))
+}
+
+/// The prefix sums a row scan reads, as plain slices (shared by every ISA's scan).
+pub(crate) struct Rows<'a> {
+    pub prev: &'a [f64],
+    pub w: &'a [f64],
+    pub s1: &'a [f64],
+    pub s2: &'a [f64],
 }
 
 /// Boundaries (start indices into the distinct values) of the optimal clustering into
 /// `k <= m` clusters.
-fn optimal_partition(p: &Prefix, m: usize, k: usize) -> Result<Vec<usize>, KernelError> {
+fn optimal_partition(
+    kernels: &Kernels,
+    p: &Prefix,
+    m: usize,
+    k: usize,
+) -> Result<Vec<usize>, KernelError> {
     let entries = (k - 1).saturating_mul(m + 1);
     if entries > MAX_TRACEBACK {
         return Err(KernelError::Range {
@@ -248,21 +288,19 @@ fn optimal_partition(p: &Prefix, m: usize, k: usize) -> Result<Vec<usize>, Kerne
         .collect();
     let mut cur = vec![f64::INFINITY; m + 1];
     let mut args: Vec<Vec<u32>> = Vec::with_capacity(k - 1);
-    let mut scratch = Vec::with_capacity(m);
     for c in 2..=k {
         let mut arg = vec![0u32; m + 1];
         cur.iter_mut().for_each(|v| *v = f64::INFINITY);
         // j values in c clusters need j >= c; the split i leaves >= c-1 values before it
-        layer(
-            p,
-            &prev,
-            &mut cur,
-            &mut arg,
-            &mut scratch,
-            c,
-            m,
-            c - 1,
-            m - 1,
+        let rows = Rows {
+            prev: &prev,
+            w: &p.w,
+            s1: &p.s1,
+            s2: &p.s2,
+        };
+        dispatch!(
+            kernels,
+            dp_layer(&rows, &mut cur, &mut arg, c, m, c - 1, m - 1)
         );
         std::mem::swap(&mut prev, &mut cur);
         args.push(arg);
@@ -280,7 +318,35 @@ fn optimal_partition(p: &Prefix, m: usize, k: usize) -> Result<Vec<usize>, Kerne
 /// The optimal (minimum-SSE) clustering of the finite values of `x` into at most `k`
 /// clusters: exactly `k` when `x` has at least `k` distinct finite values, else one centroid
 /// per distinct value (an input without finite values gets the single centroid 0.0).
+///
+/// This is the reference (every layer scanned by `scalar::dp_row`); the SIMD scans of
+/// [`Kernels::kmeans_optimal`] give the same codebook and SSE bit for bit.
 pub fn optimal_1d(x: &[f32], k: usize) -> Result<KMeansFit, KernelError> {
+    Kernels::scalar().kmeans_optimal(x, k)
+}
+
+impl Kernels {
+    /// [`optimal_1d`] with the layers of the dynamic program scanned on this handle's ISA.
+    pub fn kmeans_optimal(&self, x: &[f32], k: usize) -> Result<KMeansFit, KernelError> {
+        optimal_on(self, x, k)
+    }
+
+    /// One optimal codebook per channel of `x` viewed through `layout`, on this handle's ISA.
+    pub fn kmeans_optimal_per_channel(
+        &self,
+        x: &[f32],
+        layout: &ChannelLayout,
+        k: usize,
+    ) -> Result<Vec<KMeansFit>, KernelError> {
+        layout
+            .gather(x)?
+            .iter()
+            .map(|v| optimal_on(self, v, k))
+            .collect()
+    }
+}
+
+fn optimal_on(kernels: &Kernels, x: &[f32], k: usize) -> Result<KMeansFit, KernelError> {
     if !(1..=MAX_CLUSTERS).contains(&k) {
         return Err(KernelError::Range {
             message: format!("k = {k} clusters: expected 1..={MAX_CLUSTERS}"),
@@ -296,7 +362,7 @@ pub fn optimal_1d(x: &[f32], k: usize) -> Result<KMeansFit, KernelError> {
     }
     let k = k.min(m);
     let p = Prefix::new(&values, &weights);
-    let starts = optimal_partition(&p, m, k)?;
+    let starts = optimal_partition(kernels, &p, m, k)?;
     let mut centroids = Vec::with_capacity(k);
     for c in 0..k {
         let (i, j) = (starts[c], if c + 1 < k { starts[c + 1] } else { m });
@@ -376,7 +442,7 @@ impl Kernels {
         let m = bins.len();
         let kk = k.min(m);
         let p = Prefix::from_bins(&bins);
-        let starts = optimal_partition(&p, m, kk)?;
+        let starts = optimal_partition(self, &p, m, kk)?;
         let mut centroids: Vec<f32> = (0..kk)
             .map(|c| {
                 let (i, j) = (starts[c], if c + 1 < kk { starts[c + 1] } else { m });
@@ -442,7 +508,7 @@ pub fn optimal_1d_per_channel(
     layout: &ChannelLayout,
     k: usize,
 ) -> Result<Vec<KMeansFit>, KernelError> {
-    layout.gather(x)?.iter().map(|v| optimal_1d(v, k)).collect()
+    Kernels::scalar().kmeans_optimal_per_channel(x, layout, k)
 }
 
 /// Errors unless every index is below `k` (a max-reduction the compiler vectorises; the

@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{scalar, Codebook};
+use super::{layer_with, scalar, Codebook, Rows};
 use crate::linear::x86_avx2::store32;
 
 #[inline]
@@ -98,4 +98,81 @@ pub unsafe fn decode(idx: &[u8], cb: &Codebook, out: &mut [f32]) {
         i += 8;
     }
     scalar::decode(&idx[i..], cb, &mut out[i..]);
+}
+
+/// [`scalar::dp_row`] on 4 candidates per step (indices carried as exact f64), the last
+/// `< 4` candidates scalar; the lanes reduce to the minimum and its leftmost candidate.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dp_row(r: &Rows, j: usize, first: usize, last: usize) -> (f64, usize) {
+    let (wj, s1j, s2j) = (r.w[j], r.s1[j], r.s2[j]);
+    let end = last + 1;
+    let (mut best, mut at) = (f64::INFINITY, first);
+    let mut i = first;
+    if end - first >= 4 {
+        let (vw, v1, v2) = (_mm256_set1_pd(wj), _mm256_set1_pd(s1j), _mm256_set1_pd(s2j));
+        let zero = _mm256_setzero_pd();
+        let mut vbest = _mm256_set1_pd(f64::INFINITY);
+        let mut vat = _mm256_set1_pd(first as f64);
+        let mut idx = _mm256_add_pd(
+            _mm256_set1_pd(first as f64),
+            _mm256_setr_pd(0.0, 1.0, 2.0, 3.0),
+        );
+        let four = _mm256_set1_pd(4.0);
+        let (prev, w, s1, s2) = (r.prev.as_ptr(), r.w.as_ptr(), r.s1.as_ptr(), r.s2.as_ptr());
+        while i + 4 <= end {
+            let s = _mm256_sub_pd(v1, _mm256_loadu_pd(s1.add(i)));
+            let d2 = _mm256_sub_pd(v2, _mm256_loadu_pd(s2.add(i)));
+            let dw = _mm256_sub_pd(vw, _mm256_loadu_pd(w.add(i)));
+            let c = _mm256_max_pd(
+                _mm256_sub_pd(d2, _mm256_div_pd(_mm256_mul_pd(s, s), dw)),
+                zero,
+            );
+            let v = _mm256_add_pd(_mm256_loadu_pd(prev.add(i)), c);
+            let better = _mm256_cmp_pd::<_CMP_LT_OQ>(v, vbest);
+            vbest = _mm256_blendv_pd(vbest, v, better);
+            vat = _mm256_blendv_pd(vat, idx, better);
+            idx = _mm256_add_pd(idx, four);
+            i += 4;
+        }
+        let (mut lb, mut la) = ([0f64; 4], [0f64; 4]);
+        _mm256_storeu_pd(lb.as_mut_ptr(), vbest);
+        _mm256_storeu_pd(la.as_mut_ptr(), vat);
+        for (&b, &a) in lb.iter().zip(&la) {
+            let a = a as usize;
+            if b < best || (b == best && a < at) {
+                best = b;
+                at = a;
+            }
+        }
+    }
+    while i < end {
+        let s = s1j - r.s1[i];
+        let v = r.prev[i] + ((s2j - r.s2[i]) - s * s / (wj - r.w[i])).max(0.0);
+        if v < best {
+            best = v;
+            at = i;
+        }
+        i += 1;
+    }
+    (best, at)
+}
+
+/// One layer of the dynamic program with the 4-lane scans.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `first <= last < r.prev.len()` for every row.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn dp_layer(
+    r: &Rows,
+    cur: &mut [f64],
+    arg: &mut [u32],
+    lo: usize,
+    hi: usize,
+    opt_lo: usize,
+    opt_hi: usize,
+) {
+    layer_with(cur, arg, lo, hi, opt_lo, opt_hi, |j, a, b| {
+        dp_row(r, j, a, b)
+    });
 }

@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::Codebook;
+use super::{layer_with, Codebook, Rows};
 use crate::linear::x86_avx512::lanes_mask;
 
 #[inline]
@@ -88,4 +88,79 @@ pub unsafe fn decode(idx: &[u8], cb: &Codebook, out: &mut [f32]) {
         _mm512_mask_storeu_ps(dst.add(i), m, lookup(v));
         i += 16;
     }
+}
+
+/// [`super::scalar::dp_row`] on 8 candidates per step: each lane keeps its smallest value and
+/// the first candidate that reached it, then the lanes are reduced to the minimum and, among
+/// the lanes that hold it, the smallest candidate (the leftmost argmin).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn dp_row(r: &Rows, j: usize, first: usize, last: usize) -> (f64, usize) {
+    let (wj, s1j, s2j) = (
+        _mm512_set1_pd(r.w[j]),
+        _mm512_set1_pd(r.s1[j]),
+        _mm512_set1_pd(r.s2[j]),
+    );
+    let inf = _mm512_set1_pd(f64::INFINITY);
+    let zero = _mm512_setzero_pd();
+    let (mut best, mut at) = (inf, _mm512_set1_epi64(first as i64));
+    let mut idx = _mm512_add_epi64(
+        _mm512_set1_epi64(first as i64),
+        _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7),
+    );
+    let eight = _mm512_set1_epi64(8);
+    let (prev, w, s1, s2) = (r.prev.as_ptr(), r.w.as_ptr(), r.s1.as_ptr(), r.s2.as_ptr());
+    let end = last + 1;
+    let mut i = first;
+    while i < end {
+        let k = if end - i >= 8 {
+            0xFF
+        } else {
+            ((1u32 << (end - i)) - 1) as __mmask8
+        };
+        let s = _mm512_sub_pd(s1j, _mm512_maskz_loadu_pd(k, s1.add(i)));
+        let d2 = _mm512_sub_pd(s2j, _mm512_maskz_loadu_pd(k, s2.add(i)));
+        let dw = _mm512_sub_pd(wj, _mm512_maskz_loadu_pd(k, w.add(i)));
+        let c = _mm512_max_pd(
+            _mm512_sub_pd(d2, _mm512_div_pd(_mm512_mul_pd(s, s), dw)),
+            zero,
+        );
+        let v = _mm512_add_pd(_mm512_maskz_loadu_pd(k, prev.add(i)), c);
+        let better = k & _mm512_cmp_pd_mask::<_CMP_LT_OQ>(v, best);
+        best = _mm512_mask_mov_pd(best, better, v);
+        at = _mm512_mask_mov_epi64(at, better, idx);
+        idx = _mm512_add_epi64(idx, eight);
+        i += 8;
+    }
+    let min = _mm512_reduce_min_pd(best);
+    let holds = _mm512_cmp_pd_mask::<_CMP_EQ_OQ>(best, _mm512_set1_pd(min));
+    if holds == 0 {
+        // every candidate was NaN: the scalar scan reports +inf at `first`
+        return (f64::INFINITY, first);
+    }
+    if end - first <= 8 {
+        // one step: lane l holds candidate first + l
+        return (min, first + holds.trailing_zeros() as usize);
+    }
+    (min, _mm512_mask_reduce_min_epi64(holds, at) as usize)
+}
+
+/// One layer of the dynamic program with the 8-lane scans.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL; `first <= last < r.prev.len()` for every row, as
+/// `super::optimal_partition` guarantees.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn dp_layer(
+    r: &Rows,
+    cur: &mut [f64],
+    arg: &mut [u32],
+    lo: usize,
+    hi: usize,
+    opt_lo: usize,
+    opt_hi: usize,
+) {
+    layer_with(cur, arg, lo, hi, opt_lo, opt_hi, |j, a, b| {
+        dp_row(r, j, a, b)
+    });
 }
