@@ -383,19 +383,37 @@ pub const FAST_BINS: usize = 1 << 16;
 /// Lloyd iterations of the fast mode at most (it stops earlier when no centroid moves).
 pub const FAST_LLOYD_ITERS: usize = 2;
 
-/// Per-cluster `(count, sum of d, sum of d^2)`, `d = x - reference`, over the finite values.
-fn cluster_sums(x: &[f32], idx: &[u8], k: usize, reference: f64) -> Vec<[f64; 3]> {
-    let mut acc = vec![[0f64; 3]; k];
-    for (&v, &i) in x.iter().zip(idx) {
-        if v.is_finite() {
-            let d = v as f64 - reference;
-            let a = &mut acc[i as usize];
-            a[0] += 1.0;
-            a[1] += d;
-            a[2] += d * d;
+/// Values per chunk of [`Kernels::assigned_sums`]: their indices stay in L1.
+const SUM_CHUNK: usize = 1 << 14;
+
+impl Kernels {
+    /// Per-cluster `(count, sum of d, sum of d^2)`, `d = x - reference`, over the finite values
+    /// of `x` assigned to their nearest centroid of `cb` (on this handle's ISA), chunk by chunk
+    /// into a small index buffer (no index array of the input's size). The sums are added in
+    /// the order of the values.
+    fn assigned_sums(
+        &self,
+        x: &[f32],
+        cb: &Codebook,
+        reference: f64,
+    ) -> Result<Vec<[f64; 3]>, KernelError> {
+        let mut acc = vec![[0f64; 3]; cb.len()];
+        let mut idx = vec![0u8; SUM_CHUNK.min(x.len())];
+        for chunk in x.chunks(SUM_CHUNK) {
+            let idx = &mut idx[..chunk.len()];
+            self.kmeans_assign(chunk, cb, idx)?;
+            for (&v, &i) in chunk.iter().zip(idx.iter()) {
+                if v.is_finite() {
+                    let d = v as f64 - reference;
+                    let a = &mut acc[i as usize];
+                    a[0] += 1.0;
+                    a[1] += d;
+                    a[2] += d * d;
+                }
+            }
         }
+        Ok(acc)
     }
-    acc
 }
 
 impl Kernels {
@@ -450,11 +468,9 @@ impl Kernels {
                 (reference + s / w) as f32
             })
             .collect();
-        let mut idx = vec![0u8; x.len()];
         for _ in 0..FAST_LLOYD_ITERS {
             let cb = Codebook::new(centroids.clone())?;
-            self.kmeans_assign(x, &cb, &mut idx)?;
-            let sums = cluster_sums(x, &idx, cb.len(), reference);
+            let sums = self.assigned_sums(x, &cb, reference)?;
             let next: Vec<f32> = cb
                 .centroids()
                 .iter()
@@ -476,8 +492,7 @@ impl Kernels {
         let codebook = Codebook::new(centroids)?;
         // SSE of the final centroids over the final assignment (a Lloyd step's assignment is
         // nearest for the centroids it produced only at convergence: recompute if needed)
-        self.kmeans_assign(x, &codebook, &mut idx)?;
-        let sums = cluster_sums(x, &idx, codebook.len(), reference);
+        let sums = self.assigned_sums(x, &codebook, reference)?;
         let sse = codebook
             .centroids()
             .iter()
