@@ -445,6 +445,8 @@ pub struct Epilogue {
 }
 
 /// One register tile's work, shared by every microkernel.
+// the segmented-A fields are read by the x86 microkernels only
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct Tile {
     /// A at row 0 of the tile and the block's first k (row-major, `lda` bytes per row), or
     /// the packed A panel for microkernels that pack A.
@@ -915,8 +917,6 @@ fn rows_block<A: ActCode, O: Code>(
     };
     #[cfg(target_arch = "x86_64")]
     let fast_sums = b.mk == Microkernel::Avx512VnniDpbusd;
-    #[cfg(not(target_arch = "x86_64"))]
-    let fast_sums = false;
     let rowsum: Vec<i32> = match src {
         _ if !need_rowsum => Vec::new(),
         #[cfg(target_arch = "x86_64")]

@@ -17,7 +17,9 @@ use super::scalar::{multiply_by_quantized_multiplier, requantize_one};
 use super::{quantize_multiplier, Multiplier, RequantOutput};
 use crate::code::Code;
 use crate::error::{check_len, KernelError};
-use crate::isa::{Isa, Kernels};
+#[cfg(target_arch = "x86_64")]
+use crate::isa::Isa;
+use crate::isa::Kernels;
 
 const LEFT_SHIFT: i32 = 20;
 

@@ -4,7 +4,7 @@
 
 use std::arch::aarch64::*;
 
-use super::{layer_with, scalar, Codebook, Rows};
+use super::{layer_with, scalar, Codebook, Layer};
 
 /// # Safety
 /// The CPU must support NEON; `out.len() == x.len()`.
@@ -75,16 +75,6 @@ pub unsafe fn decode(idx: &[u8], cb: &Codebook, out: &mut [f32]) {
 /// # Safety
 /// Safe to call on any aarch64 CPU; `unsafe` only for the dispatch signature.
 #[target_feature(enable = "neon")]
-pub(crate) unsafe fn dp_layer(
-    r: &Rows,
-    cur: &mut [f64],
-    arg: &mut [u32],
-    lo: usize,
-    hi: usize,
-    opt_lo: usize,
-    opt_hi: usize,
-) {
-    layer_with(cur, arg, lo, hi, opt_lo, opt_hi, |j, a, b| {
-        scalar::dp_row(r, j, a, b)
-    });
+pub(crate) unsafe fn dp_layer(l: &Layer, cur: &mut [f64], arg: &mut [u32]) {
+    layer_with(l, cur, arg, |j, a, b| scalar::dp_row(l, j, a, b));
 }

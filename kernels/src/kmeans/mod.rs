@@ -186,7 +186,7 @@ impl Prefix {
     }
 }
 
-/// Rows `lo..=hi` of one layer of the dynamic program,
+/// Rows `lo..=hi` of one layer `l` of the dynamic program,
 /// `cur[j] = min_{i < j} prev[i] + cost(i, j)` with its leftmost argmin in `arg[j]`, the
 /// argmin of row `lo - 1` being `opt_lo` and of row `hi + 1` at most `opt_hi`.
 ///
@@ -196,17 +196,14 @@ impl Prefix {
 /// of two up to the row count), then the rows half-way between, down to stride 1; each row's
 /// scan is `row(j, first, last) -> (min, leftmost argmin)` over `first..=last`. The same
 /// rows, bounds and minima as a recursive divide and conquer, O(m log m) evaluations.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(crate) fn layer_with(
+    l: &Layer,
     cur: &mut [f64],
     arg: &mut [u32],
-    lo: usize,
-    hi: usize,
-    opt_lo: usize,
-    opt_hi: usize,
     mut row: impl FnMut(usize, usize, usize) -> (f64, usize),
 ) {
+    let (lo, hi, opt_lo, opt_hi) = (l.lo, l.hi, l.opt_lo, l.opt_hi);
     if lo > hi {
         return;
     }
@@ -256,12 +253,18 @@ pub(crate) fn row_bounds(
     (j, first, last.min(j - 1))
 }
 
-/// The prefix sums a row scan reads, as plain slices (shared by every ISA's scan).
-pub(crate) struct Rows<'a> {
+/// One layer of the dynamic program: the previous layer's costs and the prefix sums a row
+/// scan reads (plain slices, shared by every ISA), and the rows `lo..=hi` to solve with the
+/// argmin bounds `opt_lo` (row `lo - 1`) and `opt_hi` (row `hi + 1`).
+pub(crate) struct Layer<'a> {
     pub prev: &'a [f64],
     pub w: &'a [f64],
     pub s1: &'a [f64],
     pub s2: &'a [f64],
+    pub lo: usize,
+    pub hi: usize,
+    pub opt_lo: usize,
+    pub opt_hi: usize,
 }
 
 /// Boundaries (start indices into the distinct values) of the optimal clustering into
@@ -292,16 +295,17 @@ fn optimal_partition(
         let mut arg = vec![0u32; m + 1];
         cur.iter_mut().for_each(|v| *v = f64::INFINITY);
         // j values in c clusters need j >= c; the split i leaves >= c-1 values before it
-        let rows = Rows {
+        let layer = Layer {
             prev: &prev,
             w: &p.w,
             s1: &p.s1,
             s2: &p.s2,
+            lo: c,
+            hi: m,
+            opt_lo: c - 1,
+            opt_hi: m - 1,
         };
-        dispatch!(
-            kernels,
-            dp_layer(&rows, &mut cur, &mut arg, c, m, c - 1, m - 1)
-        );
+        dispatch!(kernels, dp_layer(&layer, &mut cur, &mut arg));
         std::mem::swap(&mut prev, &mut cur);
         args.push(arg);
     }

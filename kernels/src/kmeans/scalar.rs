@@ -8,7 +8,7 @@
 //! assignment picks the nearest centroid, the lower one at an exact midpoint; +inf goes to the
 //! last centroid and -inf to the first.
 
-use super::{layer_with, Codebook, Rows};
+use super::{layer_with, Codebook, Layer};
 
 /// Index of the centroid nearest to `x`.
 #[inline]
@@ -34,7 +34,7 @@ pub fn decode(idx: &[u8], cb: &Codebook, out: &mut [f32]) {
 /// where `cost(i, j) = max(0, (s2[j] - s2[i]) - s * s / (w[j] - w[i]))`, `s = s1[j] - s1[i]`,
 /// is the SSE of the cluster made of distinct values `i..j`. The SIMD scans evaluate the same
 /// operations in the same order, so every candidate's value, and the argmin, are identical.
-pub(crate) fn dp_row(r: &Rows, j: usize, first: usize, last: usize) -> (f64, usize) {
+pub(crate) fn dp_row(r: &Layer, j: usize, first: usize, last: usize) -> (f64, usize) {
     let (wj, s1j, s2j) = (r.w[j], r.s1[j], r.s2[j]);
     let (mut best, mut at) = (f64::INFINITY, first);
     for i in first..=last {
@@ -49,16 +49,6 @@ pub(crate) fn dp_row(r: &Rows, j: usize, first: usize, last: usize) -> (f64, usi
 }
 
 /// One layer of the dynamic program (see `layer_with`) with [`dp_row`] scans.
-pub(crate) fn dp_layer(
-    r: &Rows,
-    cur: &mut [f64],
-    arg: &mut [u32],
-    lo: usize,
-    hi: usize,
-    opt_lo: usize,
-    opt_hi: usize,
-) {
-    layer_with(cur, arg, lo, hi, opt_lo, opt_hi, |j, a, b| {
-        dp_row(r, j, a, b)
-    });
+pub(crate) fn dp_layer(l: &Layer, cur: &mut [f64], arg: &mut [u32]) {
+    layer_with(l, cur, arg, |j, a, b| dp_row(l, j, a, b));
 }

@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{layer_with, scalar, Codebook, Rows};
+use super::{layer_with, scalar, Codebook, Layer};
 use crate::linear::x86_avx2::store32;
 
 #[inline]
@@ -104,7 +104,7 @@ pub unsafe fn decode(idx: &[u8], cb: &Codebook, out: &mut [f32]) {
 /// `< 4` candidates scalar; the lanes reduce to the minimum and its leftmost candidate.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dp_row(r: &Rows, j: usize, first: usize, last: usize) -> (f64, usize) {
+unsafe fn dp_row(r: &Layer, j: usize, first: usize, last: usize) -> (f64, usize) {
     let (wj, s1j, s2j) = (r.w[j], r.s1[j], r.s2[j]);
     let end = last + 1;
     let (mut best, mut at) = (f64::INFINITY, first);
@@ -161,18 +161,8 @@ unsafe fn dp_row(r: &Rows, j: usize, first: usize, last: usize) -> (f64, usize) 
 /// One layer of the dynamic program with the 4-lane scans.
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA; `first <= last < r.prev.len()` for every row.
+/// The CPU must support AVX2 and FMA; `first <= last < l.prev.len()` for every row.
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn dp_layer(
-    r: &Rows,
-    cur: &mut [f64],
-    arg: &mut [u32],
-    lo: usize,
-    hi: usize,
-    opt_lo: usize,
-    opt_hi: usize,
-) {
-    layer_with(cur, arg, lo, hi, opt_lo, opt_hi, |j, a, b| {
-        dp_row(r, j, a, b)
-    });
+pub(crate) unsafe fn dp_layer(l: &Layer, cur: &mut [f64], arg: &mut [u32]) {
+    layer_with(l, cur, arg, |j, a, b| dp_row(l, j, a, b));
 }

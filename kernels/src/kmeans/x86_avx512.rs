@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{layer_with, Codebook, Rows};
+use super::{layer_with, Codebook, Layer};
 use crate::linear::x86_avx512::lanes_mask;
 
 #[inline]
@@ -95,7 +95,7 @@ pub unsafe fn decode(idx: &[u8], cb: &Codebook, out: &mut [f32]) {
 /// the lanes that hold it, the smallest candidate (the leftmost argmin).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn dp_row(r: &Rows, j: usize, first: usize, last: usize) -> (f64, usize) {
+unsafe fn dp_row(r: &Layer, j: usize, first: usize, last: usize) -> (f64, usize) {
     let (wj, s1j, s2j) = (
         _mm512_set1_pd(r.w[j]),
         _mm512_set1_pd(r.s1[j]),
@@ -148,19 +148,9 @@ unsafe fn dp_row(r: &Rows, j: usize, first: usize, last: usize) -> (f64, usize) 
 /// One layer of the dynamic program with the 8-lane scans.
 ///
 /// # Safety
-/// The CPU must support AVX-512 F/BW/VL; `first <= last < r.prev.len()` for every row, as
+/// The CPU must support AVX-512 F/BW/VL; `first <= last < l.prev.len()` for every row, as
 /// `super::optimal_partition` guarantees.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub(crate) unsafe fn dp_layer(
-    r: &Rows,
-    cur: &mut [f64],
-    arg: &mut [u32],
-    lo: usize,
-    hi: usize,
-    opt_lo: usize,
-    opt_hi: usize,
-) {
-    layer_with(cur, arg, lo, hi, opt_lo, opt_hi, |j, a, b| {
-        dp_row(r, j, a, b)
-    });
+pub(crate) unsafe fn dp_layer(l: &Layer, cur: &mut [f64], arg: &mut [u32]) {
+    layer_with(l, cur, arg, |j, a, b| dp_row(l, j, a, b));
 }
