@@ -103,8 +103,8 @@ fn quantize_family_u16_matches_scalar() {
 }
 
 /// Sizes past every size-dependent branch of the SIMD paths (the 256-bit dequantize loop of
-/// the AVX-512 path from 4M elements on, its non-temporal quantize stores from 8M on, with an
-/// output that starts off a 64-byte boundary).
+/// the AVX-512 path from 4M elements on, its non-temporal stores from 8M on, with an output
+/// that starts off a 64-byte boundary).
 #[test]
 fn large_arrays_match_scalar() {
     let mut rng = Rng::new(6);
@@ -125,6 +125,12 @@ fn large_arrays_match_scalar() {
         assert!(want[5..] == got[5..], "quantize {isa} n={n} from element 5");
         k.dequantize(&want, &p, &mut fg).unwrap();
         assert!(bits_eq(&fw, &fg), "dequantize {isa} n={n}");
+        fg.fill(0.0);
+        k.dequantize(&want[3..], &p, &mut fg[3..]).unwrap();
+        assert!(
+            bits_eq(&fw[3..], &fg[3..]),
+            "dequantize {isa} n={n} from element 3"
+        );
     }
     // per channel, with runs shorter than the whole tensor
     let layout = ChannelLayout::new(&[4, n / 4], 0).unwrap();
