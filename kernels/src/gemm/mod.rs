@@ -21,7 +21,7 @@
 //! ## Microkernels
 //! | name | ISA | operation | exactness |
 //! |---|---|---|---|
-//! | `avx512vnni_dpbusd` | AVX-512 VNNI | `vpdpbusd` u8 x s8, 4 products per i32 lane | no saturation (`vpdpbusd`, not `vpdpbusds`); `i8` A: B is stored `+128` as the unsigned operand and A is the signed one (`alpha = 128`) |
+//! | `avx512vnni_dpbusd` | AVX-512 VNNI | `vpdpbusd` u8 x s8, 4 products per i32 lane | no saturation (`vpdpbusd`, not `vpdpbusds`); `i8` A is flipped to `a + 128` (`^ 0x80`) as the unsigned operand (`beta = 128`: no row sums of A) |
 //! | `avx2_maddwd_i16` | AVX2 | codes widened to i16, `vpmaddwd` | exact for all inputs: a product pair is at most `2 * 255 * 128 < 2^31` |
 //! | `neon_sdot` | NEON + dotprod | `sdot` (emitted with `asm!`) | `u8` A is shifted to `i8` (`a - 128`, `beta = -128`) |
 //! | `neon_smull_sadalp` | NEON | `smull` to i16 + `sadalp` | products of two i8 are at most `2^14` in magnitude |
@@ -198,7 +198,7 @@ impl Microkernel {
     /// operand shifts add to `sum A*B` (see the module docs).
     fn shifts(self, a_signed: bool) -> (i32, i32) {
         match (self, a_signed) {
-            (Microkernel::Avx512VnniDpbusd, true) => (128, 0),
+            (Microkernel::Avx512VnniDpbusd, true) => (0, 128),
             (Microkernel::NeonSdot | Microkernel::NeonSmullSadalp, false) => (0, -128),
             _ => (0, 0),
         }
@@ -378,7 +378,6 @@ impl PackedB {
         // SAFETY: `lines` is `total` bytes (rounded up) of plain old data.
         let bytes =
             unsafe { std::slice::from_raw_parts_mut(packed.lines.as_mut_ptr() as *mut u8, total) };
-        let flip = mk == Microkernel::Avx512VnniDpbusd && A::SIGNED;
         for p in 0..panels {
             for kk in 0..k {
                 let (grp, within) = (kk / g, kk % g);
@@ -392,7 +391,7 @@ impl PackedB {
                     if elem == 2 {
                         bytes[at..at + 2].copy_from_slice(&(v as i16).to_ne_bytes());
                     } else {
-                        bytes[at] = if flip { (v as u8) ^ 0x80 } else { v as u8 };
+                        bytes[at] = v as u8;
                     }
                 }
             }

@@ -3,8 +3,9 @@
 //!
 //! Tile `MR x 16*NV`: per group of 4 k the kernel loads NV vectors of B (16 columns x 4
 //! codes each), broadcasts 4 codes of each of the MR rows of A, and issues MR * NV
-//! `vpdpbusd`. `u8` A is the unsigned operand; for `i8` A the packed B holds `b + 128` and
-//! becomes the unsigned operand while A is the signed one (the driver removes `128 * rowsum`).
+//! `vpdpbusd`. A is the unsigned operand and B the signed one; `i8` A is read as `a + 128`
+//! (each broadcast `^ 0x80`) and the driver removes `128 * colsum(B)`, a constant per column,
+//! so signed activations need no row sums of A.
 
 use std::arch::x86_64::*;
 
@@ -19,6 +20,16 @@ use crate::linear::x86_avx512::{lanes_mask, store16};
 unsafe fn broadcast_partial(p: *const u8, n: usize) -> __m512i {
     let v = _mm_maskz_loadu_epi8(((1u32 << n) - 1) as __mmask16, p as *const i8);
     _mm512_broadcastd_epi32(v)
+}
+
+/// Signed A codes as the unsigned operand: `a ^ 0x80 = a + 128` in every byte.
+#[inline(always)]
+unsafe fn flip<const SIGNED_A: bool>(av: __m512i) -> __m512i {
+    if SIGNED_A {
+        _mm512_xor_si512(av, _mm512_set1_epi8(0x80u8 as i8))
+    } else {
+        av
+    }
 }
 
 /// The accumulators of one tile. A function of its own so that the accumulator array is
@@ -55,13 +66,9 @@ unsafe fn products<const MR: usize, const NV: usize, const SIGNED_A: bool>(
             }
             for i in 0..MR {
                 let p = rows[i].add(seg * t.seg_stride + 4 * w);
-                let av = _mm512_set1_epi32((p as *const i32).read_unaligned());
+                let av = flip::<SIGNED_A>(_mm512_set1_epi32((p as *const i32).read_unaligned()));
                 for v in 0..NV {
-                    acc[i][v] = if SIGNED_A {
-                        _mm512_dpbusd_epi32(acc[i][v], bv[v], av)
-                    } else {
-                        _mm512_dpbusd_epi32(acc[i][v], av, bv[v])
-                    };
+                    acc[i][v] = _mm512_dpbusd_epi32(acc[i][v], av, bv[v]);
                 }
             }
             b = b.add(64 * NV);
@@ -76,13 +83,10 @@ unsafe fn products<const MR: usize, const NV: usize, const SIGNED_A: bool>(
             *x = _mm512_load_si512(b.add(64 * v) as *const _);
         }
         for i in 0..MR {
-            let av = broadcast_partial(rows[i].add(off), t.tail);
+            // the bytes past the tail become 0x80 when flipped, against B's zero padding
+            let av = flip::<SIGNED_A>(broadcast_partial(rows[i].add(off), t.tail));
             for v in 0..NV {
-                acc[i][v] = if SIGNED_A {
-                    _mm512_dpbusd_epi32(acc[i][v], bv[v], av)
-                } else {
-                    _mm512_dpbusd_epi32(acc[i][v], av, bv[v])
-                };
+                acc[i][v] = _mm512_dpbusd_epi32(acc[i][v], av, bv[v]);
             }
         }
     }
