@@ -279,7 +279,7 @@ pub unsafe fn quantize_streaming<T: Code>(x: &[f32], p: &QuantParams, out: &mut 
 pub unsafe fn dequantize<T: Code>(q: &[T], p: &QuantParams, out: &mut [f32]) {
     if q.len() >= STREAM_MIN {
         // measured on a Zen 4 EPYC: 26-28 GB/s against 16-27 at 16M, 20-21 at 64M
-        return dequantize_stream(q, p, out);
+        return dequantize_512::<T, true>(q, p, out);
     }
     if q.len() >= WIDE_DEQUANT_MAX {
         // Measured (cargo xtask compare quantize, Cascade Lake VM): from 16M elements on, the
@@ -287,7 +287,7 @@ pub unsafe fn dequantize<T: Code>(q: &[T], p: &QuantParams, out: &mut [f32]) {
         // costs the core its AVX-512 clock licence while memory sets the pace anyway.
         return super::x86_avx2::dequantize(q, p, out);
     }
-    dequantize_512(q, p, out)
+    dequantize_512::<T, false>(q, p, out)
 }
 
 /// Per-channel dequantize; the loop (512-bit, 256-bit or streaming) is chosen on the whole
@@ -304,64 +304,58 @@ pub unsafe fn dequantize_per_channel<T: Code>(
 ) {
     if q.len() >= STREAM_MIN {
         super::for_each_run(layout, params, q, out, |q, p, o| unsafe {
-            dequantize_stream(q, p, o)
+            dequantize_512::<T, true>(q, p, o)
         });
     } else if q.len() >= WIDE_DEQUANT_MAX {
         super::x86_avx2::dequantize_per_channel(q, layout, params, out)
     } else {
         super::for_each_run(layout, params, q, out, |q, p, o| unsafe {
-            dequantize_512(q, p, o)
+            dequantize_512::<T, false>(q, p, o)
         });
     }
 }
 
+/// The 512-bit dequantize loop. `STREAM` writes with non-temporal stores (from an aligned
+/// start): the output's lines are not read first, which pays once the output is past the
+/// last-level cache; otherwise the destination is prefetched for writing.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn dequantize_512<T: Code>(q: &[T], p: &QuantParams, out: &mut [f32]) {
+unsafe fn dequantize_512<T: Code, const STREAM: bool>(q: &[T], p: &QuantParams, out: &mut [f32]) {
     let c = consts(p);
     let n = q.len();
     let (src, dst) = (q.as_ptr(), out.as_mut_ptr());
     let deq = |v: __m512i| _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(v, c.zp)), c.scale);
     let mut i = 0;
-    while i + 32 <= n {
-        // prefetchw: fetch the destination lines ahead in exclusive state, so the stores do
-        // not wait for their read-for-ownership (measured +30 % at 256K elements)
-        let pw = dst.wrapping_add(i + DEQ_PREFETCH) as *const i8;
-        _mm_prefetch::<_MM_HINT_ET0>(pw);
-        _mm_prefetch::<_MM_HINT_ET0>(pw.wrapping_add(64));
-        _mm512_storeu_ps(dst.add(i), deq(load16_full(src.add(i))));
-        _mm512_storeu_ps(dst.add(i + 16), deq(load16_full(src.add(i + 16))));
-        i += 32;
-    }
-    while i < n {
-        let k = lanes_mask(n - i);
-        _mm512_mask_storeu_ps(dst.add(i), k, deq(load16(src.add(i), k)));
-        i += 16;
-    }
-}
-
-/// [`dequantize_512`] with non-temporal stores: the output's lines are written without being
-/// read first (the output is past the last-level cache by then anyway).
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn dequantize_stream<T: Code>(q: &[T], p: &QuantParams, out: &mut [f32]) {
-    let c = consts(p);
-    let n = q.len();
-    let (src, dst) = (q.as_ptr(), out.as_mut_ptr());
-    let deq = |v: __m512i| _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(v, c.zp)), c.scale);
-    // up to the first 64-byte boundary of `out` (at most 15 values: `out` holds f32), so the
-    // loop's stores are aligned
-    let mut i = dst.align_offset(64).min(n);
-    debug_assert!(i < 16);
-    if i > 0 {
-        let k = lanes_mask(i);
-        _mm512_mask_storeu_ps(dst, k, deq(load16(src, k)));
+    if STREAM {
+        // up to the first 64-byte boundary of `out` (at most 15 values: `out` holds f32)
+        i = dst.align_offset(64).min(n);
+        debug_assert!(i < 16);
+        if i > 0 {
+            let k = lanes_mask(i);
+            _mm512_mask_storeu_ps(dst, k, deq(load16(src, k)));
+        }
     }
     while i + 32 <= n {
-        _mm512_stream_ps(dst.add(i), deq(load16_full(src.add(i))));
-        _mm512_stream_ps(dst.add(i + 16), deq(load16_full(src.add(i + 16))));
+        let (a, b) = (
+            deq(load16_full(src.add(i))),
+            deq(load16_full(src.add(i + 16))),
+        );
+        if STREAM {
+            _mm512_stream_ps(dst.add(i), a);
+            _mm512_stream_ps(dst.add(i + 16), b);
+        } else {
+            // prefetchw: fetch the destination lines ahead in exclusive state, so the stores
+            // do not wait for their read-for-ownership (measured +30 % at 256K elements)
+            let pw = dst.wrapping_add(i + DEQ_PREFETCH) as *const i8;
+            _mm_prefetch::<_MM_HINT_ET0>(pw);
+            _mm_prefetch::<_MM_HINT_ET0>(pw.wrapping_add(64));
+            _mm512_storeu_ps(dst.add(i), a);
+            _mm512_storeu_ps(dst.add(i + 16), b);
+        }
         i += 32;
     }
-    _mm_sfence();
+    if STREAM {
+        _mm_sfence();
+    }
     while i < n {
         let k = lanes_mask(n - i);
         _mm512_mask_storeu_ps(dst.add(i), k, deq(load16(src.add(i), k)));
