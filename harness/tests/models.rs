@@ -250,9 +250,20 @@ fn fp32_gives_the_same_logits_for_any_batch_and_run_order() {
     impl quantbench::engine::EdgeHook for Watch {
         fn on_value(&self, _value: usize, _tensor: &mut quantbench::model::Tensor) {}
     }
+    // (and its 3x3 convolutions are the direct ones, not Winograd's: the last bits differ)
     let fast = e.run(test.batch(0..16, &norm), None).unwrap();
     let plain = e.run(test.batch(0..16, &norm), Some(&Watch)).unwrap();
-    assert_eq!(fast.data, plain.data);
+    let max_diff = (fast.data.iter().zip(&plain.data))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(max_diff <= 1e-4, "max |fused - node by node| = {max_diff}");
+    let argmax = |t: &quantbench::model::Tensor| -> Vec<usize> {
+        t.data
+            .chunks_exact(10)
+            .map(quantbench::eval::argmax)
+            .collect()
+    };
+    assert_eq!(argmax(&fast), argmax(&plain));
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! The f32 execution engine: runs an imported [`Graph`] on a batch.
 //!
-//! Convolution on AVX-512 is the direct kernel of [`conv_gemm`] (with Add / Relu fused when no
-//! hook watches), elsewhere im2col and the `gemm` crate's f32 GEMM; single-threaded (the
+//! Convolution on AVX-512 is Winograd F(2x2, 3x3) ([`winograd`]) for 3x3 stride-1 pad-1 layers
+//! and the direct kernel of [`conv_gemm`] for the others (with Add / Relu fused when no hook
+//! watches), elsewhere im2col and the `gemm` crate's f32 GEMM; single-threaded (the
 //! evaluator runs one batch per core). Without a hook, batches of a graph that never mixes
 //! images run one image at a time.
 //! The engine knows no quantization method; it offers the hooks methods need:
@@ -12,6 +13,7 @@ pub(crate) mod conv_gemm;
 pub mod int8;
 pub(crate) mod ops;
 pub(crate) mod pool;
+pub(crate) mod winograd;
 
 pub use conv_gemm::PackedWeight;
 
@@ -31,6 +33,10 @@ pub struct Engine<'g> {
     /// Per node: Conv weights packed for the AVX-512 micro-kernel, one per group (only when
     /// AVX-512 is the active ISA and each group's output channels are a multiple of 8).
     packed: Vec<Option<Vec<PackedWeight>>>,
+    /// Per node: a 3x3 Conv weight in Winograd's transformed domain (AVX-512 only, one group,
+    /// output channels a multiple of 8; used when the layer's geometry fits, see
+    /// [`winograd::applies`], and no hook watches the run).
+    winograd: Vec<Option<winograd::WinogradWeight>>,
     /// Per node: the Add / Relu nodes after this Conv that run inside it (see [`Fusion`]).
     fused: Vec<Option<Fusion>>,
     /// Every node maps image b of its inputs to image b of its output (see [`per_image`]).
@@ -236,10 +242,31 @@ impl<'g> Engine<'g> {
                 }
             })
             .collect();
+        let winograd = graph
+            .nodes
+            .iter()
+            .map(|n| {
+                match (
+                    &n.op,
+                    n.inputs.get(1).and_then(|&v| graph.constants[v].as_ref()),
+                ) {
+                    (Op::Conv { group: 1, window }, Some(w))
+                        if avx512
+                            && window.kernel == [3, 3]
+                            && w.shape.len() == 4
+                            && w.shape[2..] == [3, 3] =>
+                    {
+                        winograd::WinogradWeight::new(&w.data, w.shape[0], w.shape[1])
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
         Self {
             graph,
             last_use,
             packed,
+            winograd,
             fused,
             per_image: per_image(graph),
         }
@@ -373,8 +400,17 @@ impl<'g> Engine<'g> {
                         Some(_) => None,
                         None => Some(get(first)?),
                     };
-                    ops::execute(&node.op, owned, first_ref, &args, self.packed[i].as_deref())
-                        .map_err(|e| format!("node {} ({}): {e}", self.label(i), node.op.name()))?
+                    ops::execute(
+                        &node.op,
+                        owned,
+                        first_ref,
+                        &args,
+                        self.packed[i].as_deref(),
+                        // A hook (calibration, fake-quant simulation) sees the direct
+                        // convolution's sums, the closest to the integer path's.
+                        self.winograd[i].as_ref().filter(|_| hook.is_none()),
+                    )
+                    .map_err(|e| format!("node {} ({}): {e}", self.label(i), node.op.name()))?
                 };
                 let mut out = out;
                 if let Some(h) = hook {
@@ -431,6 +467,7 @@ impl<'g> Engine<'g> {
             window,
             *group,
             self.packed[i].as_deref(),
+            self.winograd[i].as_ref(),
             residual,
             f.relu,
         )
@@ -465,7 +502,7 @@ pub fn fold_constants(g: &mut Graph) -> Result<(), String> {
             .map(|&v| g.constants[v].as_ref().expect("constant"))
             .collect();
         let first = g.constants[node.inputs[0]].as_ref();
-        let out = ops::execute(&node.op, None, first, &args, None).map_err(|e| {
+        let out = ops::execute(&node.op, None, first, &args, None, None).map_err(|e| {
             format!(
                 "node '{}' ({}), folding constants: {e}",
                 node.name,

@@ -12,6 +12,7 @@ pub(crate) fn execute(
     first: Option<&Tensor>,
     rest: &[&Tensor],
     packed: Option<&[super::PackedWeight]>,
+    wino: Option<&super::winograd::WinogradWeight>,
 ) -> R<Tensor> {
     if matches!(
         op,
@@ -55,6 +56,7 @@ pub(crate) fn execute(
             window,
             *group,
             packed,
+            wino,
             None,
             false,
         )?
@@ -266,6 +268,7 @@ pub(crate) fn conv(
     win: &Window,
     group: usize,
     packed: Option<&[super::PackedWeight]>,
+    wino: Option<&super::winograd::WinogradWeight>,
     residual: Option<&Tensor>,
     relu: bool,
 ) -> R<Option<Tensor>> {
@@ -302,6 +305,26 @@ pub(crate) fn conv(
     let p = oh * ow;
     let mg = m / group;
     let k = cg * kh * kw;
+    if let Some(wt) = wino
+        .filter(|wt| wt.m == m && wt.c == c && super::winograd::applies(win, group, h, wd, pads))
+    {
+        // Every output is written.
+        let mut out = super::pool::take(n * m * p);
+        let plan = super::winograd::Plan::new(h, wd, c, m);
+        super::pool::with_scratch(plan.scratch_len(), |scratch| {
+            for img in 0..n {
+                let xi = &x.data[img * c * h * wd..(img + 1) * c * h * wd];
+                let at = img * m * p;
+                let epi = super::conv_gemm::Epilogue {
+                    residual: residual.map(|r| &r.data[at..at + m * p]),
+                    relu,
+                };
+                let bias = b.map(|b| &b.data[..]);
+                plan.run(wt, xi, bias, &mut out[at..at + m * p], epi, scratch, true);
+            }
+        });
+        return Ok(Some(Tensor::new(vec![n, m, oh, ow], out)));
+    }
     let mut out = super::pool::take_zeroed(n * m * p);
     if let Some(pw) =
         packed.filter(|pw| pw.len() == group && pw.iter().all(|p| p.m == mg && p.k == k))

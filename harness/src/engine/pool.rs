@@ -10,10 +10,37 @@ const KEEP: usize = 6;
 
 thread_local! {
     static FREE: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` values of this thread's scratch buffer, which may hold anything. The
+/// buffer only grows, so after the first calls no call writes it before `f` does (a pooled
+/// buffer, truncated to a smaller request, is zero-extended when a larger one follows).
+pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buf = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    let r = f(&mut buf[..len]);
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < buf.len() {
+            *s = buf;
+        }
+    });
+    r
 }
 
 /// A buffer of `len` zeros: the smallest kept one that fits, else a new one.
 pub(crate) fn take_zeroed(len: usize) -> Vec<f32> {
+    let mut v = take(len);
+    v.fill(0.0);
+    v
+}
+
+/// A buffer of `len` values that may hold anything (for outputs and scratch that the caller
+/// overwrites before reading): the smallest kept one that fits, else a new one.
+pub(crate) fn take(len: usize) -> Vec<f32> {
     let mut v = FREE.with(|f| {
         let mut f = f.borrow_mut();
         let best = (f.iter().enumerate())
@@ -22,8 +49,10 @@ pub(crate) fn take_zeroed(len: usize) -> Vec<f32> {
             .map(|(i, _)| i);
         best.map(|i| f.swap_remove(i)).unwrap_or_default()
     });
-    v.clear();
-    v.resize(len, 0.0);
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    v.truncate(len);
     v
 }
 

@@ -83,7 +83,7 @@ fn run_nodes(
         };
         let first = get(node.inputs[0])?;
         let rest: Vec<&Tensor> = node.inputs[1..].iter().map(|&v| get(v)).collect::<R<_>>()?;
-        let mut out = execute(&node.op, None, Some(first), &rest, None)
+        let mut out = execute(&node.op, None, Some(first), &rest, None, None)
             .map_err(|e| format!("node #{i} ({}): {e}", node.op.name()))?;
         post(node.output, Some(&node.op), &mut out);
         vals[node.output] = Some(out);
@@ -729,13 +729,13 @@ mod tests {
     fn check(op: Op, ins: Vec<Tensor>, seed: u64) {
         let mut rng = Rng(seed);
         let refs: Vec<&Tensor> = ins.iter().collect();
-        let y = execute(&op, None, Some(refs[0]), &refs[1..], None).unwrap();
+        let y = execute(&op, None, Some(refs[0]), &refs[1..], None, None).unwrap();
         let r: Vec<f32> = (0..y.len()).map(|_| rng.f()).collect();
         let wants = vec![true; ins.len()];
         let grads = node_backward(&op, &refs, &y, &r, &wants).unwrap();
         let loss = |ins: &[Tensor]| -> f64 {
             let refs: Vec<&Tensor> = ins.iter().collect();
-            let y = execute(&op, None, Some(refs[0]), &refs[1..], None).unwrap();
+            let y = execute(&op, None, Some(refs[0]), &refs[1..], None, None).unwrap();
             y.data
                 .iter()
                 .zip(&r)
