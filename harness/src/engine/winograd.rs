@@ -397,6 +397,7 @@ mod x86 {
                 (v0, _mm512_loadu_si512(idx.as_ptr().cast()))
             })
             .collect();
+        let row_vectors = tw.is_multiple_of(16);
         let vp = v.as_mut_ptr();
         for c in 0..cn {
             let base = planes.as_ptr().add(4 * c * ps);
@@ -406,11 +407,16 @@ mod x86 {
                     for j in 0..4 {
                         let q = (i % 2) * 2 + j % 2;
                         let at = base.add(q * ps + v0 + (i / 2) * pitch + j / 2);
-                        d[i][j] = _mm512_permutex2var_ps(
-                            _mm512_loadu_ps(at),
-                            idx,
-                            _mm512_loadu_ps(at.add(16)),
-                        );
+                        // With whole vectors per tile row the window is the first 16.
+                        d[i][j] = if row_vectors {
+                            _mm512_loadu_ps(at)
+                        } else {
+                            _mm512_permutex2var_ps(
+                                _mm512_loadu_ps(at),
+                                idx,
+                                _mm512_loadu_ps(at.add(16)),
+                            )
+                        };
                     }
                 }
                 let mut hr = [[_mm512_setzero_ps(); 4]; 4];
