@@ -25,9 +25,14 @@
 //! AVX-512 version does the scalar specification's fused multiply-adds in the same order: the
 //! AVX-512 result is bit-identical to the scalar one.
 //!
-//! Layouts: `V` is `[16][C][LD]` (tiles contiguous, `LD` the tile count rounded up to the
-//! micro-kernel's width; the extra columns are zero), `M` is `[16][M][T]`, and `U_xi` is packed
-//! like the direct convolution's weights (`[M/8][C][8]`).
+//! Non-finite inputs: an infinity inside a tile's 4x4 block meets differences of itself in the
+//! transforms, so outputs that the direct convolution makes +-inf can be NaN here (NaN
+//! spreads to the same outputs in both).
+//!
+//! Layouts: `V` is `[16][C][LD]` and `M` is `[16][M][LD]` (tiles contiguous, `LD` the tile
+//! count rounded up to the micro-kernel's width; the extra columns hold anything and are never
+//! stored to the output), and `U_xi` is packed like the direct convolution's weights
+//! (`[M/8][C][8]`). [`Plan`] gives the details.
 
 use super::conv_gemm::{Epilogue, PackedWeight, MR};
 use crate::model::Window;
@@ -182,8 +187,12 @@ impl Plan {
             // SAFETY: the caller checked AVX-512F support; every slice is as long as the
             // plan needs (asserted above).
             unsafe {
-                x86::fill(self, x, planes);
-                x86::input_transform(self, planes, v);
+                if self.tw.is_multiple_of(16) {
+                    x86::input_rows(self, x, v);
+                } else {
+                    x86::fill(self, x, planes);
+                    x86::input_transform(self, planes, v);
+                }
                 self.products(wt, v, mo, true);
                 x86::output_transform(self, mo, bias, out, epi);
             }
@@ -370,6 +379,78 @@ mod x86 {
                         m,
                         _mm512_permutex2var_ps(lo, odd, hi),
                     );
+                }
+            }
+        }
+    }
+
+    /// [`Plan::input_transform`] straight from the image when tile rows are whole vectors
+    /// (`tw` a multiple of 16): for each run of 16 tiles along a tile row, the horizontal
+    /// transforms of each padded row are computed once (from two loads, the even and odd
+    /// columns and their one-lane shifts) and kept in registers for the two tile rows that
+    /// share it; no phase planes.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn input_rows(p: &Plan, x: &[f32], v: &mut [f32]) {
+        let (h, w, tw, ld, cn) = (p.h, p.w, p.tw, p.ld, p.c);
+        assert!(tw.is_multiple_of(16) && x.len() >= cn * h * w && v.len() >= 16 * p.vp);
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        let zero = _mm512_setzero_ps();
+        let vp = v.as_mut_ptr();
+        // `[d0 - d2, d1 + d2, d2 - d1, d1 - d3]` of padded row r (1..=h) for tiles
+        // tx0..tx0 + 16: d_j is input column 2 tx + j - 1.
+        let horizontal = |plane: *const f32, r: usize, tx0: usize| -> [__m512; 4] {
+            if r == 0 || r == h + 1 {
+                return [zero; 4];
+            }
+            let row = plane.add((r - 1) * w);
+            let lo = _mm512_loadu_ps(row.add(2 * tx0));
+            let hi = _mm512_loadu_ps(row.add(2 * tx0 + 16));
+            let d1 = _mm512_permutex2var_ps(lo, even, hi);
+            let d2 = _mm512_permutex2var_ps(lo, odd, hi);
+            let before = if tx0 == 0 { 0.0 } else { *row.add(2 * tx0 - 1) };
+            let after = if tx0 + 16 == tw {
+                0.0
+            } else {
+                *row.add(2 * tx0 + 32)
+            };
+            // d0: d2 one lane up, `before` in lane 0; d3: d1 one lane down, `after` in 15.
+            let d0 = _mm512_castsi512_ps(_mm512_alignr_epi32::<15>(
+                _mm512_castps_si512(d2),
+                _mm512_castps_si512(_mm512_set1_ps(before)),
+            ));
+            let d3 = _mm512_castsi512_ps(_mm512_alignr_epi32::<1>(
+                _mm512_castps_si512(_mm512_set1_ps(after)),
+                _mm512_castps_si512(d1),
+            ));
+            [
+                _mm512_sub_ps(d0, d2),
+                _mm512_add_ps(d1, d2),
+                _mm512_sub_ps(d2, d1),
+                _mm512_sub_ps(d1, d3),
+            ]
+        };
+        for c in 0..cn {
+            let plane = x.as_ptr().add(c * h * w);
+            for tx0 in (0..tw).step_by(16) {
+                let mut r0 = horizontal(plane, 0, tx0);
+                let mut r1 = horizontal(plane, 1, tx0);
+                for ty in 0..p.th {
+                    let r2 = horizontal(plane, 2 * ty + 2, tx0);
+                    let r3 = horizontal(plane, 2 * ty + 3, tx0);
+                    let t = ty * tw + tx0;
+                    for j in 0..4 {
+                        let col = [
+                            _mm512_sub_ps(r0[j], r2[j]),
+                            _mm512_add_ps(r1[j], r2[j]),
+                            _mm512_sub_ps(r2[j], r1[j]),
+                            _mm512_sub_ps(r1[j], r3[j]),
+                        ];
+                        for i in 0..4 {
+                            _mm512_storeu_ps(vp.add((i * 4 + j) * p.vp + c * ld + t), col[i]);
+                        }
+                    }
+                    (r0, r1) = (r2, r3);
                 }
             }
         }
@@ -625,6 +706,7 @@ mod tests {
             (16, 24, 16, 16),
             (32, 8, 12, 20),
             (7, 16, 32, 32),
+            (4, 8, 4, 64),
         ] {
             let x = seq(c * h * wd, 1 + c as u32);
             let w = seq(m * c * 9, 7 + m as u32);

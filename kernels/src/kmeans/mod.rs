@@ -230,7 +230,7 @@ pub(crate) fn layer_with(
 /// `first..=last`: from the argmin of row `j - s` (or `opt_lo`) to that of row `j + s` (or
 /// `opt_hi`), at most `j - 1`.
 #[inline(always)]
-pub(crate) fn row_bounds(
+fn row_bounds(
     arg: &[u32],
     lo: usize,
     rows: usize,
@@ -432,21 +432,12 @@ impl Kernels {
         }
         for &(v, i) in &bins.values {
             if split[i as usize] {
-                let d = v as f64 - reference;
-                let a = &mut acc[scalar::assign_one(v, cb) as usize];
-                a[0] += 1.0;
-                a[1] += d;
-                a[2] += d * d;
+                add_value(&mut acc[scalar::assign_one(v, cb) as usize], v, reference);
             }
         }
         Ok(acc)
     }
-}
 
-/// Values per chunk of [`Kernels::assigned_sums`]: their indices stay in L1.
-const SUM_CHUNK: usize = 1 << 14;
-
-impl Kernels {
     /// Per-cluster `(count, sum of d, sum of d^2)`, `d = x - reference`, over the finite values
     /// of `x` assigned to their nearest centroid of `cb` (on this handle's ISA), chunk by chunk
     /// into a small index buffer (no index array of the input's size). The sums are added in
@@ -464,16 +455,24 @@ impl Kernels {
             self.kmeans_assign(chunk, cb, idx)?;
             for (&v, &i) in chunk.iter().zip(idx.iter()) {
                 if v.is_finite() {
-                    let d = v as f64 - reference;
-                    let a = &mut acc[i as usize];
-                    a[0] += 1.0;
-                    a[1] += d;
-                    a[2] += d * d;
+                    add_value(&mut acc[i as usize], v, reference);
                 }
             }
         }
         Ok(acc)
     }
+}
+
+/// Values per chunk of [`Kernels::assigned_sums`]: their indices stay in L1.
+const SUM_CHUNK: usize = 1 << 14;
+
+/// Adds value `v` to a cluster's `(count, sum of d, sum of d^2)`, `d = v - reference`.
+#[inline]
+fn add_value(a: &mut [f64; 3], v: f32, reference: f64) {
+    let d = v as f64 - reference;
+    a[0] += 1.0;
+    a[1] += d;
+    a[2] += d * d;
 }
 
 impl Kernels {
