@@ -24,7 +24,7 @@ pub enum Isa {
     Scalar,
     /// x86-64 AVX2 + FMA (Haswell and later), 256-bit vectors.
     Avx2,
-    /// x86-64 AVX-512 F + BW + VL (Skylake-SP and later), 512-bit vectors, masked tails.
+    /// x86-64 AVX-512 F + BW + VL + DQ (Skylake-SP and later), 512-bit vectors, masked tails.
     Avx512,
     /// AArch64 Advanced SIMD, 128-bit vectors.
     Neon,
@@ -61,6 +61,7 @@ impl Isa {
                 is_x86_feature_detected!("avx512f")
                     && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512dq")
             }
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),

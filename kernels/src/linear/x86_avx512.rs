@@ -62,17 +62,26 @@ unsafe fn quotient(x: __m512, c: &Consts) -> __m512 {
     _mm512_fmadd_ps(residual, c.inv, q0)
 }
 
-/// `rne(x / scale)` as i32, not yet clamped to the code range (|value| <= 2^17).
+/// `rne(x / scale)` as i32, not yet clamped to the code range (|value| <= 2^17): the same
+/// value as `rne(quotient(x))` in two fewer operations. `vrangeps` (min of magnitudes, the
+/// sign of x) clamps to +-limit in one step, and the conversion zeroes the NaN lanes under
+/// the ordered mask (so the `maskz_max` is not needed).
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
 unsafe fn rounded(x: __m512, c: &Consts) -> __m512i {
-    _mm512_cvt_roundps_epi32::<RNE>(quotient(x, c))
+    let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(x, x);
+    // imm 0b0010: the smaller magnitude, with the sign of the first operand
+    let x = _mm512_range_ps::<0b0010>(x, c.limit);
+    let q0 = _mm512_mul_ps(x, c.inv);
+    let residual = _mm512_fnmadd_ps(q0, c.scale, x);
+    let q = _mm512_fmadd_ps(residual, c.inv, q0);
+    _mm512_maskz_cvt_roundps_epi32::<RNE>(ordered, q)
 }
 
 /// `rne(clamp(x / scale, lo, hi))` without the zero point (the clamp done on integers, where
 /// both ports take it; equal because the bounds are integers).
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
 unsafe fn round_clamped(x: __m512, c: &Consts) -> __m512i {
     _mm512_min_epi32(_mm512_max_epi32(rounded(x, c), c.lo_i), c.hi_i)
 }
@@ -188,7 +197,7 @@ pub unsafe fn min_max(x: &[f32]) -> Option<(f32, f32)> {
 
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VL; `out.len() == x.len()`; `p` fits `T`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
 pub unsafe fn quantize<T: Code>(x: &[f32], p: &QuantParams, out: &mut [T]) {
     quantize_streaming(x, p, out, x.len() >= STREAM_MIN)
 }
@@ -198,7 +207,7 @@ pub unsafe fn quantize<T: Code>(x: &[f32], p: &QuantParams, out: &mut [T]) {
 ///
 /// # Safety
 /// As [`quantize`].
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
 pub unsafe fn quantize_streaming<T: Code>(x: &[f32], p: &QuantParams, out: &mut [T], stream: bool) {
     let c = consts(p);
     let n = x.len();
@@ -364,7 +373,7 @@ unsafe fn dequantize_512<T: Code, const STREAM: bool>(q: &[T], p: &QuantParams, 
 }
 
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
 unsafe fn fake_quantize_raw(src: *const f32, dst: *mut f32, n: usize, p: &QuantParams) {
     let c = consts(p);
     let mut i = 0;
@@ -391,14 +400,14 @@ unsafe fn fake_quantize_raw(src: *const f32, dst: *mut f32, n: usize, p: &QuantP
 
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VL; `out.len() == x.len()`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
 pub unsafe fn fake_quantize(x: &[f32], p: &QuantParams, out: &mut [f32]) {
     fake_quantize_raw(x.as_ptr(), out.as_mut_ptr(), x.len(), p)
 }
 
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VL.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
 pub unsafe fn fake_quantize_in_place(x: &mut [f32], p: &QuantParams) {
     fake_quantize_raw(x.as_ptr(), x.as_mut_ptr(), x.len(), p)
 }
