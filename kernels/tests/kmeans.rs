@@ -144,6 +144,24 @@ fn optimal_against_quadratic_dp() {
             "n={n} k={k}: ours {} quadratic DP {want}",
             f.sse
         );
+        // the optimum without a traceback: the same value on every ISA, never above a fit
+        let scalar = Kernels::scalar().kmeans_optimal_sse(&x, k).unwrap();
+        assert!(
+            close(scalar, want),
+            "n={n} k={k}: optimal_sse {scalar}, quadratic DP {want}"
+        );
+        assert!(
+            scalar <= f.sse * (1.0 + 1e-12),
+            "n={n} k={k}: {scalar} > fit {}",
+            f.sse
+        );
+        for isa in isas() {
+            let v = Kernels::new(isa)
+                .unwrap()
+                .kmeans_optimal_sse(&x, k)
+                .unwrap();
+            assert_eq!(v.to_bits(), scalar.to_bits(), "n={n} k={k} {isa:?}");
+        }
         assert!(
             f.codebook.centroids().windows(2).all(|w| w[0] < w[1]),
             "sorted, distinct"

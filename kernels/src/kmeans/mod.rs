@@ -285,14 +285,36 @@ fn optimal_partition(
             ),
         });
     }
+    let (_, args) = dp_layers(kernels, p, m, k, true);
+    let mut starts = vec![0usize; k];
+    let mut j = m;
+    for c in (1..k).rev() {
+        let i = args[c - 1][j] as usize;
+        starts[c] = i;
+        j = i;
+    }
+    Ok(starts)
+}
+
+/// Layers 2..=k of the dynamic program over `p` (m distinct values): the minimum cost of all
+/// m values in k clusters and, with `keep`, each layer's argmins (the traceback, `(k - 1) x
+/// (m + 1)` entries); without it one argmin array serves every layer (a layer reads only the
+/// argmins of its own rows, written before they are read).
+fn dp_layers(
+    kernels: &Kernels,
+    p: &Prefix,
+    m: usize,
+    k: usize,
+    keep: bool,
+) -> (f64, Vec<Vec<u32>>) {
     // prev[j]: best cost of the first j values in `layer` clusters
     let mut prev: Vec<f64> = (0..=m)
         .map(|j| if j == 0 { 0.0 } else { p.cost(0, j) })
         .collect();
     let mut cur = vec![f64::INFINITY; m + 1];
-    let mut args: Vec<Vec<u32>> = Vec::with_capacity(k - 1);
+    let mut args: Vec<Vec<u32>> = Vec::with_capacity(if keep { k - 1 } else { 0 });
+    let mut arg = vec![0u32; m + 1];
     for c in 2..=k {
-        let mut arg = vec![0u32; m + 1];
         cur.iter_mut().for_each(|v| *v = f64::INFINITY);
         // j values in c clusters need j >= c; the split i leaves >= c-1 values before it
         let layer = Layer {
@@ -307,16 +329,11 @@ fn optimal_partition(
         };
         dispatch!(kernels, dp_layer(&layer, &mut cur, &mut arg));
         std::mem::swap(&mut prev, &mut cur);
-        args.push(arg);
+        if keep {
+            args.push(std::mem::replace(&mut arg, vec![0u32; m + 1]));
+        }
     }
-    let mut starts = vec![0usize; k];
-    let mut j = m;
-    for c in (1..k).rev() {
-        let i = args[c - 1][j] as usize;
-        starts[c] = i;
-        j = i;
-    }
-    Ok(starts)
+    (prev[m], args)
 }
 
 /// The optimal (minimum-SSE) clustering of the finite values of `x` into at most `k`
@@ -327,6 +344,29 @@ fn optimal_partition(
 /// [`Kernels::kmeans_optimal`] give the same codebook and SSE bit for bit.
 pub fn optimal_1d(x: &[f32], k: usize) -> Result<KMeansFit, KernelError> {
     Kernels::scalar().kmeans_optimal(x, k)
+}
+
+impl Kernels {
+    /// The minimum SSE of the finite values of `x` in at most `k` clusters (exactly `k` when
+    /// there are that many distinct values): the value of the exact mode's dynamic program,
+    /// with the clusters' exact means (not rounded to f32 centroids), so no clustering has a
+    /// lower SSE (up to f64 rounding). It keeps no traceback: O(m) memory for m distinct
+    /// values, where [`Kernels::kmeans_optimal`] needs `(k - 1) x (m + 1)` entries. Used to
+    /// measure the fast mode's gap where the exact clustering would not fit in memory.
+    pub fn kmeans_optimal_sse(&self, x: &[f32], k: usize) -> Result<f64, KernelError> {
+        if !(1..=MAX_CLUSTERS).contains(&k) {
+            return Err(KernelError::Range {
+                message: format!("k = {k} clusters: expected 1..={MAX_CLUSTERS}"),
+            });
+        }
+        let (values, weights) = distinct_sorted(x);
+        let m = values.len();
+        if m == 0 {
+            return Ok(0.0);
+        }
+        let p = Prefix::new(&values, &weights);
+        Ok(dp_layers(self, &p, m, k.min(m), false).0)
+    }
 }
 
 impl Kernels {
