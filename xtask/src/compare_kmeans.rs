@@ -65,7 +65,9 @@ pub fn main(args: &[String]) -> Result<(), String> {
         "{:<12} {:<10} {:>9} {:>4} {:>9} {:>10}  {:<20} {:>9} {:>9} {:>8}",
         "kernel", "dist", "n", "k", "ours s", "ours gap", "peer", "peer s", "peer gap", "speedup"
     );
-    println!("(gap: SSE above the exact optimum, when the exact mode ran)");
+    println!(
+        "(gap: SSE above the optimum: the exact mode's SSE, or where it does not run the dynamic program's optimal value, --mode optimal-sse)"
+    );
     let mut records = Vec::new();
     for dist in &dists {
         for &n in &sizes {
