@@ -835,10 +835,11 @@ mod x86 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn seq(n: usize, seed: u32) -> Vec<f32> {
+    /// Seeded values in [-1, 1] (a xorshift), shared with the Winograd tests.
+    pub(crate) fn seq(n: usize, seed: u32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
         (0..n)
             .map(|_| {

@@ -298,6 +298,25 @@ impl Plan {
     }
 }
 
+/// The slices of one product micro-kernel call: `a` holds `k x 8` weights, `b` `k` rows of
+/// `width` values at pitch `ldb`, `c` 8 rows of `valid <= width` outputs at pitch `ldc`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn check_tile(
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    ldb: usize,
+    c: &[f32],
+    ldc: usize,
+    valid: usize,
+    width: usize,
+) {
+    assert!(valid <= width && a.len() >= k * MR);
+    assert!(k == 0 || b.len() >= (k - 1) * ldb + width);
+    assert!(c.len() >= (MR - 1) * ldc + valid);
+}
+
 /// Specification of the product micro-kernel: `c[r * ldc + p] = sum_k a[k * 8 + r] *
 /// b[k * ldb + p]` for 8 rows and `p < valid`, one `mul_add` per k in k order from 0.
 #[allow(clippy::too_many_arguments)]
@@ -310,9 +329,7 @@ pub fn kernel_8xv_scalar<const NV: usize>(
     ldc: usize,
     valid: usize,
 ) {
-    assert!(valid <= 16 * NV && a.len() >= k * MR);
-    assert!(k == 0 || b.len() >= (k - 1) * ldb + 16 * NV);
-    assert!(c.len() >= (MR - 1) * ldc + valid);
+    check_tile(k, a, b, ldb, c, ldc, valid, 16 * NV);
     for r in 0..MR {
         for p in 0..valid {
             let mut acc = 0.0f32;
@@ -610,9 +627,7 @@ mod x86 {
         ldc: usize,
         valid: usize,
     ) {
-        assert!(valid <= 16 * NV && a.len() >= k * MR);
-        assert!(k == 0 || b.len() >= (k - 1) * ldb + 16 * NV);
-        assert!(c.len() >= (MR - 1) * ldc + valid);
+        super::check_tile(k, a, b, ldb, c, ldc, valid, 16 * NV);
         let mut acc = [[_mm512_setzero_ps(); NV]; MR];
         let mut ap = a.as_ptr();
         let mut bp = b.as_ptr();
@@ -648,18 +663,7 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::engine::conv_gemm;
-
-    fn seq(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::engine::conv_gemm::tests::seq;
 
     /// The plain definition of the convolution, in f64.
     fn reference(

@@ -35,6 +35,16 @@ use crate::linear::{dispatch, ChannelLayout};
 
 /// Largest codebook: indices are stored in `u8`.
 pub const MAX_CLUSTERS: usize = 256;
+/// `k` must be a codebook size, 1..=[`MAX_CLUSTERS`].
+fn check_clusters(k: usize) -> Result<(), KernelError> {
+    if (1..=MAX_CLUSTERS).contains(&k) {
+        return Ok(());
+    }
+    Err(KernelError::Range {
+        message: format!("k = {k} clusters: expected 1..={MAX_CLUSTERS}"),
+    })
+}
+
 /// Largest traceback table of the exact dynamic program, in entries of 4 bytes (1 GiB).
 pub const MAX_TRACEBACK: usize = 1 << 28;
 
@@ -354,11 +364,7 @@ impl Kernels {
     /// values, where [`Kernels::kmeans_optimal`] needs `(k - 1) x (m + 1)` entries. Used to
     /// measure the fast mode's gap where the exact clustering would not fit in memory.
     pub fn kmeans_optimal_sse(&self, x: &[f32], k: usize) -> Result<f64, KernelError> {
-        if !(1..=MAX_CLUSTERS).contains(&k) {
-            return Err(KernelError::Range {
-                message: format!("k = {k} clusters: expected 1..={MAX_CLUSTERS}"),
-            });
-        }
+        check_clusters(k)?;
         let (values, weights) = distinct_sorted(x);
         let m = values.len();
         if m == 0 {
@@ -391,11 +397,7 @@ impl Kernels {
 }
 
 fn optimal_on(kernels: &Kernels, x: &[f32], k: usize) -> Result<KMeansFit, KernelError> {
-    if !(1..=MAX_CLUSTERS).contains(&k) {
-        return Err(KernelError::Range {
-            message: format!("k = {k} clusters: expected 1..={MAX_CLUSTERS}"),
-        });
-    }
+    check_clusters(k)?;
     let (values, weights) = distinct_sorted(x);
     let m = values.len();
     if m == 0 {
@@ -542,11 +544,7 @@ impl Kernels {
         k: usize,
         window: usize,
     ) -> Result<KMeansFit, KernelError> {
-        if !(1..=MAX_CLUSTERS).contains(&k) {
-            return Err(KernelError::Range {
-                message: format!("k = {k} clusters: expected 1..={MAX_CLUSTERS}"),
-            });
-        }
+        check_clusters(k)?;
         let Some((lo, hi)) = self.min_max(x) else {
             return Ok(KMeansFit {
                 codebook: Codebook::new(vec![0.0])?,
@@ -794,11 +792,7 @@ pub fn centroid_gradients(
     k: usize,
 ) -> Result<(Vec<f64>, Vec<u64>), KernelError> {
     check_len("centroid gradient indices", grads.len(), idx.len())?;
-    if !(1..=MAX_CLUSTERS).contains(&k) {
-        return Err(KernelError::Range {
-            message: format!("k = {k} clusters: expected 1..={MAX_CLUSTERS}"),
-        });
-    }
+    check_clusters(k)?;
     check_indices(idx, k)?;
     let mut sums = vec![0f64; k];
     let mut counts = vec![0u64; k];
