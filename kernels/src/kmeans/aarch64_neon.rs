@@ -4,7 +4,7 @@
 
 use std::arch::aarch64::*;
 
-use super::{layer_with, scalar, Codebook, Layer};
+use super::{layer_with, rows_of_block, scalar, Codebook, Layer};
 
 /// # Safety
 /// The CPU must support NEON; `out.len() == x.len()`.
@@ -76,5 +76,15 @@ pub unsafe fn decode(idx: &[u8], cb: &Codebook, out: &mut [f32]) {
 /// Safe to call on any aarch64 CPU; `unsafe` only for the dispatch signature.
 #[target_feature(enable = "neon")]
 pub(crate) unsafe fn dp_layer(l: &Layer, cur: &mut [f64], arg: &mut [u32]) {
-    layer_with(l, cur, arg, |j, a, b| scalar::dp_row(l, j, a, b));
+    layer_with(
+        l,
+        cur,
+        arg,
+        |j, a, b| scalar::dp_row(l, j, a, b),
+        |j0, count, a, b, cur, arg| {
+            rows_of_block(j0, count, a, b, cur, arg, |j, a, b| {
+                scalar::dp_row(l, j, a, b)
+            })
+        },
+    );
 }

@@ -4,14 +4,17 @@
 //!
 //! * [`optimal_1d`] finds the clustering of minimum within-cluster sum of squares (SSE), not a
 //!   local optimum: in one dimension optimal clusters are contiguous runs of the sorted values,
-//!   so a dynamic program over the sorted distinct values (with multiplicities as weights)
-//!   is exact; its layers are monotone-argmin problems (the cost is Monge) solved by divide
-//!   and conquer, O(k m log m) for m distinct values (Wang & Song 2011, Gronlund et al. 2017),
-//!   here iteratively, coarse rows first (`layer_with`). Each row scans its candidates; the
-//!   SIMD scans ([`Kernels::kmeans_optimal`]) compute each candidate with the reference's
-//!   operations, so every ISA returns the same codebook bit for bit. (A SMAWK version,
-//!   O(k m), measured slower here: its evaluations are branchy and latency-bound. Solving 8
-//!   rows at once with gathers, one per lane, measured 1.4-3x slower on a Zen 4.)
+//!   so a dynamic program over the sorted values is exact (equal values merged into one
+//!   position weighted by their count, unless few values repeat: then every value is a
+//!   position of weight 1, see `sorted_positions`). Its layers are monotone-argmin problems
+//!   (the cost is Monge) solved by divide and conquer, O(k m log m) for m positions (Wang &
+//!   Song 2011, Gronlund et al. 2017), here iteratively, coarse rows first, with the previous
+//!   layer's argmins as lower bounds (Knuth) and the finest rows in blocks of 8 (`layer_with`).
+//!   Each scan computes each candidate with the reference's operations (the reciprocal of a
+//!   count divided, or read from a table: the same quotient), so every ISA returns the same
+//!   codebook bit for bit. (A SMAWK version, O(k m), measured slower here: its evaluations
+//!   are branchy and latency-bound. Solving 8 rows at once with gathers, one per lane,
+//!   measured 1.4-3x slower on a Zen 4; the blocks broadcast shared candidates instead.)
 //! * Ties (several partitions with the same SSE) are broken toward the leftmost boundaries:
 //!   each cluster ends as early as possible, scanning from the first value (up to f64 rounding
 //!   of the costs). For [1, 3, 5, 7, 9] and k = 2 that is {1, 3}, {5, 7, 9}: centroids 2 and 7.
@@ -133,10 +136,55 @@ pub struct KMeansFit {
     pub sse: f64,
 }
 
-/// Sorted distinct finite values and their multiplicities.
-fn distinct_sorted(x: &[f32]) -> (Vec<f64>, Vec<f64>) {
-    let mut v: Vec<f32> = x.iter().copied().filter(|v| v.is_finite()).collect();
-    v.sort_unstable_by(f32::total_cmp);
+/// The finite values of `x` in ascending order (-0.0 before 0.0), the order of
+/// `f32::total_cmp`: a least-significant-digit radix sort of their order-preserving bit
+/// patterns, three passes of 11 bits (several times faster than a comparison sort here).
+fn sorted_finite(x: &[f32]) -> Vec<f32> {
+    // negative values: all bits flipped; others: the sign bit set
+    let key = |v: f32| {
+        let b = v.to_bits();
+        if b >> 31 == 1 {
+            !b
+        } else {
+            b | 0x8000_0000
+        }
+    };
+    let mut a: Vec<u32> = x
+        .iter()
+        .filter(|v| v.is_finite())
+        .map(|&v| key(v))
+        .collect();
+    let mut b = vec![0u32; a.len()];
+    for shift in [0, 11, 22] {
+        let mut start = [0usize; 1 << 11];
+        for &k in &a {
+            start[((k >> shift) & 0x7FF) as usize] += 1;
+        }
+        let mut sum = 0;
+        for c in start.iter_mut() {
+            (*c, sum) = (sum, sum + *c);
+        }
+        for &k in &a {
+            let d = ((k >> shift) & 0x7FF) as usize;
+            b[start[d]] = k;
+            start[d] += 1;
+        }
+        std::mem::swap(&mut a, &mut b);
+    }
+    a.into_iter()
+        .map(|k| f32::from_bits(if k >> 31 == 1 { k & 0x7FFF_FFFF } else { !k }))
+        .collect()
+}
+
+/// The finite values of `x` sorted, as the positions of the dynamic program with their
+/// weights, and the number of distinct values. Equal values are merged into one position
+/// weighted by their multiplicity, unless at most one value in 8 repeats an earlier one: then
+/// every value is its own position of weight 1 (a few more positions, but unit weights let the
+/// SIMD scans read the reciprocal counts from a table, see [`Layer::inv`]). Merged or not, the
+/// optimum is the same: splitting equal values between two clusters is never better than
+/// keeping them together.
+fn sorted_positions(x: &[f32]) -> (Vec<f64>, Vec<f64>, usize) {
+    let v = sorted_finite(x);
     let mut values: Vec<f64> = Vec::new();
     let mut weights: Vec<f64> = Vec::new();
     for &a in &v {
@@ -148,7 +196,25 @@ fn distinct_sorted(x: &[f32]) -> (Vec<f64>, Vec<f64>) {
             weights.push(1.0);
         }
     }
-    (values, weights)
+    let distinct = values.len();
+    if v.len() - distinct <= v.len() / 8 && distinct < v.len() {
+        values = v.iter().map(|&a| a as f64).collect();
+        weights = vec![1.0; v.len()];
+    }
+    (values, weights, distinct)
+}
+
+/// `inv[INV_PAD + c] = 1 / c` for counts `c` in `1..` ([`Layer::inv`]); the entries below
+/// `INV_PAD + 1` are 0 and only ever read into masked-off lanes.
+pub(crate) const INV_PAD: usize = 8;
+
+/// The reciprocal table of [`Layer::inv`] for positions of unit weight, `m` positions.
+fn reciprocals(m: usize) -> Vec<f64> {
+    let mut inv = vec![0.0; INV_PAD + m + 2 * INV_PAD + 1];
+    for (c, r) in inv.iter_mut().enumerate().skip(INV_PAD + 1) {
+        *r = 1.0 / (c - INV_PAD) as f64;
+    }
+    inv
 }
 
 /// Prefix sums of weights, weighted values and weighted squares, of values shifted by their
@@ -157,6 +223,8 @@ struct Prefix {
     w: Vec<f64>,
     s1: Vec<f64>,
     s2: Vec<f64>,
+    /// [`reciprocals`] when every weight is 1 (then `w[j] - w[i] = j - i` exactly).
+    inv: Option<Vec<f64>>,
 }
 
 impl Prefix {
@@ -171,7 +239,8 @@ impl Prefix {
             s1[i + 1] = s1[i] + weights[i] * d;
             s2[i + 1] = s2[i] + weights[i] * d * d;
         }
-        Prefix { w, s1, s2 }
+        let inv = weights.iter().all(|&w| w == 1.0).then(|| reciprocals(m));
+        Prefix { w, s1, s2, inv }
     }
 
     /// Prefix sums of per-bin `(weight, sum of d, sum of d^2)` with `d` measured from any
@@ -184,10 +253,15 @@ impl Prefix {
             s1[i + 1] = s1[i] + b[1];
             s2[i + 1] = s2[i] + b[2];
         }
-        Prefix { w, s1, s2 }
+        Prefix {
+            w,
+            s1,
+            s2,
+            inv: None,
+        }
     }
 
-    /// SSE of the cluster made of distinct values `i..j` (0-based, `i < j`).
+    /// SSE of the cluster made of positions `i..j` (0-based, `i < j`).
     #[inline]
     fn cost(&self, i: usize, j: usize) -> f64 {
         let w = self.w[j] - self.w[i];
@@ -196,71 +270,133 @@ impl Prefix {
     }
 }
 
+/// Rows per block of the finest levels of [`layer_with`].
+pub(crate) const BLOCK: usize = 8;
+/// Segment sizes of [`layer_with`] (powers of two, decreasing, multiples of [`BLOCK`]).
+const TIERS: [usize; 2] = [1 << 18, 1 << 12];
+
 /// Rows `lo..=hi` of one layer `l` of the dynamic program,
 /// `cur[j] = min_{i < j} prev[i] + cost(i, j)` with its leftmost argmin in `arg[j]`, the
 /// argmin of row `lo - 1` being `opt_lo` and of row `hi + 1` at most `opt_hi`.
 ///
 /// The cost is Monge, so leftmost argmins never decrease with `j`: once rows `j - s` and
-/// `j + s` are solved, row `j` only has to scan the candidates between their argmins. Rows
-/// are solved coarse to fine without recursion: first every `S`-th row (`S` the largest power
-/// of two up to the row count), then the rows half-way between, down to stride 1; each row's
-/// scan is `row(j, first, last) -> (min, leftmost argmin)` over `first..=last`. The same
-/// rows, bounds and minima as a recursive divide and conquer, O(m log m) evaluations.
+/// `j + s` are solved, row `j` only has to scan the candidates between their argmins, and
+/// not below the previous layer's argmin of row `j` ([`Layer::lower`]). Rows are solved
+/// coarse to fine without recursion: first every `S`-th row (`S` the largest power of two up
+/// to the row count), then the rows half-way between, down to stride [`BLOCK`]; each row's
+/// scan is `row(j, first, last) -> (min, leftmost argmin)` over `first..=last`. The levels
+/// finer than [`TIERS`]`[0]` run segment by segment, and within those the levels finer than
+/// `TIERS[1]`, so that a segment's data stays in cache across its levels while each level
+/// still has many independent rows (solving rows depth first instead measured 1.3-1.6x
+/// slower: each row then waits for the one before it). The order changes no row's bounds.
+///
+/// The rows left between two solved ones, up to `BLOCK - 1` consecutive rows
+/// `j0..j0 + count`, share the candidates from the argmin of row `j0 - 1` (or the previous
+/// layer's of row `j0`, if larger) to that of row `j0 + BLOCK - 1`:
+/// `block(j0, count, first, last, cur, arg)` solves each such row `j` over
+/// `first..=min(last, j - 1)`, a superset of its divide-and-conquer range that still holds
+/// its leftmost argmin; a SIMD block scans them with one row per lane and no reduction.
 #[inline(always)]
 pub(crate) fn layer_with(
     l: &Layer,
     cur: &mut [f64],
     arg: &mut [u32],
     mut row: impl FnMut(usize, usize, usize) -> (f64, usize),
+    mut block: impl FnMut(usize, usize, usize, usize, &mut [f64], &mut [u32]),
 ) {
-    let (lo, hi, opt_lo, opt_hi) = (l.lo, l.hi, l.opt_lo, l.opt_hi);
+    let (lo, hi) = (l.lo, l.hi);
     if lo > hi {
         return;
     }
     let rows = hi - lo + 1;
-    let mut s = 1usize << (usize::BITS - 1 - rows.leading_zeros());
-    loop {
-        // rows t with t + 1 an odd multiple of s; t - s and t + s were solved before
-        let mut t = s - 1;
-        while t < rows {
-            let (j, first, last) = row_bounds(arg, lo, rows, opt_lo, opt_hi, s, t);
-            let (best, at) = row(j, first, last);
-            cur[j] = best;
-            arg[j] = at as u32;
+    let top = 1usize << (usize::BITS - 1 - rows.leading_zeros());
+    // row lo + t of the level of stride s, between rows t - s and t + s; candidates at most
+    // j - 1 and not below the previous layer's argmin
+    let mut solve_row = |s: usize, t: usize, cur: &mut [f64], arg: &mut [u32]| {
+        let (first, last) = bounds(l, arg, rows, t.checked_sub(s), t + s);
+        let j = lo + t;
+        let last = last.min(j - 1);
+        let (best, at) = row(j, first.max(l.lower[j] as usize).min(last), last);
+        cur[j] = best;
+        arg[j] = at as u32;
+    };
+    // rows lo + t0.. up to the next solved row
+    let mut solve_block = |t0: usize, cur: &mut [f64], arg: &mut [u32]| {
+        let count = (BLOCK - 1).min(rows - t0);
+        let (first, last) = bounds(l, arg, rows, t0.checked_sub(1), t0 + BLOCK - 1);
+        let first = first.max(l.lower[lo + t0] as usize).min(last);
+        block(lo + t0, count, first, last, cur, arg);
+    };
+    let mut level = |s: usize, from: usize, to: usize, cur: &mut [f64], arg: &mut [u32]| {
+        // rows t in from..to with t + 1 an odd multiple of s; t - s and t + s were solved
+        let mut t = from + s - 1;
+        while t < to {
+            solve_row(s, t, cur, arg);
             t += 2 * s;
         }
-        if s == 1 {
-            break;
+    };
+    // the levels of stride >= TIERS[0] over all rows, then segment by segment
+    let mut s = top;
+    let mut segment =
+        |from: usize, to: usize, s: &mut usize, floor: usize, cur: &mut [f64], arg: &mut [u32]| {
+            while *s >= floor {
+                level(*s, from, to, cur, arg);
+                *s /= 2;
+            }
+        };
+    segment(0, rows, &mut s, TIERS[0], cur, arg);
+    for f0 in (0..rows).step_by(TIERS[0]) {
+        let t0 = rows.min(f0 + TIERS[0]);
+        let mut s0 = s;
+        segment(f0, t0, &mut s0, TIERS[1], cur, arg);
+        for f1 in (f0..t0).step_by(TIERS[1]) {
+            let t1 = t0.min(f1 + TIERS[1]);
+            let mut s1 = s0;
+            segment(f1, t1, &mut s1, BLOCK, cur, arg);
+            for b in (f1..t1).step_by(BLOCK) {
+                solve_block(b, cur, arg);
+            }
         }
-        s /= 2;
     }
 }
 
-/// Row `j = lo + t` of a level of stride `s` in [`layer_with`] and its candidates
-/// `first..=last`: from the argmin of row `j - s` (or `opt_lo`) to that of row `j + s` (or
-/// `opt_hi`), at most `j - 1`.
+/// The reference block of [`layer_with`]: rows `j0..j0 + count`, each scanned by `row` over
+/// `first..=min(last, j - 1)`.
 #[inline(always)]
-fn row_bounds(
+pub(crate) fn rows_of_block(
+    j0: usize,
+    count: usize,
+    first: usize,
+    last: usize,
+    cur: &mut [f64],
+    arg: &mut [u32],
+    mut row: impl FnMut(usize, usize, usize) -> (f64, usize),
+) {
+    for j in j0..j0 + count {
+        let (best, at) = row(j, first, last.min(j - 1));
+        cur[j] = best;
+        arg[j] = at as u32;
+    }
+}
+
+/// The candidates `first..=last` of the rows strictly between rows `lo + below` and
+/// `lo + above` of [`layer_with`]: from the argmin of row `lo + below` (`opt_lo` for `None`)
+/// to that of row `lo + above` (`opt_hi` past the last row).
+#[inline(always)]
+fn bounds(
+    l: &Layer,
     arg: &[u32],
-    lo: usize,
     rows: usize,
-    opt_lo: usize,
-    opt_hi: usize,
-    s: usize,
-    t: usize,
-) -> (usize, usize, usize) {
-    let first = if t >= s {
-        arg[lo + t - s] as usize
+    below: Option<usize>,
+    above: usize,
+) -> (usize, usize) {
+    let first = below.map_or(l.opt_lo, |t| arg[l.lo + t] as usize);
+    let last = if above < rows {
+        arg[l.lo + above] as usize
     } else {
-        opt_lo
+        l.opt_hi
     };
-    let last = if t + s < rows {
-        arg[lo + t + s] as usize
-    } else {
-        opt_hi
-    };
-    let j = lo + t;
-    (j, first, last.min(j - 1))
+    (first, last)
 }
 
 /// One layer of the dynamic program: the previous layer's costs and the prefix sums a row
@@ -268,6 +404,14 @@ fn row_bounds(
 /// argmin bounds `opt_lo` (row `lo - 1`) and `opt_hi` (row `hi + 1`).
 pub(crate) struct Layer<'a> {
     pub prev: &'a [f64],
+    /// The previous layer's argmins: with one cluster fewer, the last cluster of the first
+    /// `j` values starts no later (Knuth), so `lower[j]` bounds row `j`'s argmin from below.
+    pub lower: &'a [u32],
+    /// With unit weights, the reciprocal counts `inv[INV_PAD + c] = 1 / c` (`c >= 1`), so a
+    /// SIMD scan loads the `1 / (w[j] - w[i])` of the cost instead of dividing: the same
+    /// value, bit for bit. `None` for other weights.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub inv: Option<&'a [f64]>,
     pub w: &'a [f64],
     pub s1: &'a [f64],
     pub s2: &'a [f64],
@@ -277,7 +421,7 @@ pub(crate) struct Layer<'a> {
     pub opt_hi: usize,
 }
 
-/// Boundaries (start indices into the distinct values) of the optimal clustering into
+/// Boundaries (start indices into the positions) of the optimal clustering into
 /// `k <= m` clusters.
 fn optimal_partition(
     kernels: &Kernels,
@@ -289,7 +433,7 @@ fn optimal_partition(
     if entries > MAX_TRACEBACK {
         return Err(KernelError::Range {
             message: format!(
-                "exact k-means of {m} distinct values into {k} clusters needs {} MiB for its traceback (limit {} MiB)",
+                "exact k-means of {m} sorted values into {k} clusters needs {} MiB for its traceback (limit {} MiB)",
                 (entries * 4) >> 20,
                 (MAX_TRACEBACK * 4) >> 20
             ),
@@ -306,10 +450,10 @@ fn optimal_partition(
     Ok(starts)
 }
 
-/// Layers 2..=k of the dynamic program over `p` (m distinct values): the minimum cost of all
+/// Layers 2..=k of the dynamic program over `p` (m positions): the minimum cost of all
 /// m values in k clusters and, with `keep`, each layer's argmins (the traceback, `(k - 1) x
-/// (m + 1)` entries); without it one argmin array serves every layer (a layer reads only the
-/// argmins of its own rows, written before they are read).
+/// (m + 1)` entries); without it two argmin arrays take turns (a layer writes its own rows'
+/// argmins and reads those and the previous layer's).
 fn dp_layers(
     kernels: &Kernels,
     p: &Prefix,
@@ -324,11 +468,15 @@ fn dp_layers(
     let mut cur = vec![f64::INFINITY; m + 1];
     let mut args: Vec<Vec<u32>> = Vec::with_capacity(if keep { k - 1 } else { 0 });
     let mut arg = vec![0u32; m + 1];
+    // the argmins of the previous layer (one cluster: every row splits at 0)
+    let mut lower = vec![0u32; m + 1];
     for c in 2..=k {
         cur.iter_mut().for_each(|v| *v = f64::INFINITY);
         // j values in c clusters need j >= c; the split i leaves >= c-1 values before it
         let layer = Layer {
             prev: &prev,
+            lower: &lower,
+            inv: p.inv.as_deref(),
             w: &p.w,
             s1: &p.s1,
             s2: &p.s2,
@@ -339,8 +487,9 @@ fn dp_layers(
         };
         dispatch!(kernels, dp_layer(&layer, &mut cur, &mut arg));
         std::mem::swap(&mut prev, &mut cur);
+        std::mem::swap(&mut lower, &mut arg);
         if keep {
-            args.push(std::mem::replace(&mut arg, vec![0u32; m + 1]));
+            args.push(lower.clone());
         }
     }
     (prev[m], args)
@@ -360,18 +509,18 @@ impl Kernels {
     /// The minimum SSE of the finite values of `x` in at most `k` clusters (exactly `k` when
     /// there are that many distinct values): the value of the exact mode's dynamic program,
     /// with the clusters' exact means (not rounded to f32 centroids), so no clustering has a
-    /// lower SSE (up to f64 rounding). It keeps no traceback: O(m) memory for m distinct
+    /// lower SSE (up to f64 rounding). It keeps no traceback: O(m) memory for m sorted
     /// values, where [`Kernels::kmeans_optimal`] needs `(k - 1) x (m + 1)` entries. Used to
     /// measure the fast mode's gap where the exact clustering would not fit in memory.
     pub fn kmeans_optimal_sse(&self, x: &[f32], k: usize) -> Result<f64, KernelError> {
         check_clusters(k)?;
-        let (values, weights) = distinct_sorted(x);
+        let (values, weights, distinct) = sorted_positions(x);
         let m = values.len();
         if m == 0 {
             return Ok(0.0);
         }
         let p = Prefix::new(&values, &weights);
-        Ok(dp_layers(self, &p, m, k.min(m), false).0)
+        Ok(dp_layers(self, &p, m, k.min(distinct), false).0)
     }
 }
 
@@ -398,7 +547,7 @@ impl Kernels {
 
 fn optimal_on(kernels: &Kernels, x: &[f32], k: usize) -> Result<KMeansFit, KernelError> {
     check_clusters(k)?;
-    let (values, weights) = distinct_sorted(x);
+    let (values, weights, distinct) = sorted_positions(x);
     let m = values.len();
     if m == 0 {
         return Ok(KMeansFit {
@@ -406,7 +555,7 @@ fn optimal_on(kernels: &Kernels, x: &[f32], k: usize) -> Result<KMeansFit, Kerne
             sse: 0.0,
         });
     }
-    let k = k.min(m);
+    let k = k.min(distinct);
     let p = Prefix::new(&values, &weights);
     let starts = optimal_partition(kernels, &p, m, k)?;
     let mut centroids = Vec::with_capacity(k);
@@ -806,6 +955,72 @@ pub fn centroid_gradients(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Few repeats: every value is a position of weight 1; more: equal values merge.
+    #[test]
+    fn positions_merge_equal_values_only_when_many_repeat() {
+        // 16 values, 2 repeats (<= 1 in 8): unit weights, repeats kept as positions
+        let mut x: Vec<f32> = (0..14).map(|i| i as f32).collect();
+        x.extend([3.0, -0.0]);
+        let (values, weights, distinct) = sorted_positions(&x);
+        assert_eq!(distinct, 14);
+        assert_eq!(values.len(), 16);
+        assert!(weights.iter().all(|&w| w == 1.0));
+        assert!(values.windows(2).all(|w| w[0] <= w[1]));
+        assert!(Prefix::new(&values, &weights).inv.is_some());
+        // 3 repeats in 16 (3, 5, 7): merged, with their counts
+        (x[0], x[15]) = (5.0, 7.0);
+        let (values, weights, distinct) = sorted_positions(&x);
+        assert_eq!((values.len(), distinct), (13, 13));
+        assert_eq!(weights.iter().sum::<f64>(), 16.0);
+        assert_eq!(weights[values.iter().position(|&v| v == 5.0).unwrap()], 2.0);
+        assert!(Prefix::new(&values, &weights).inv.is_none());
+    }
+
+    /// The radix sort gives `f32::total_cmp`'s order of the finite values, bit for bit.
+    #[test]
+    fn radix_sort_orders_as_total_cmp() {
+        // SplitMix64
+        let mut state = 5u64;
+        let mut next = move || {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        let mut x: Vec<f32> = (0..5000)
+            .map(|i| {
+                let r = next();
+                match i % 4 {
+                    // any bit pattern (NaN, inf, subnormals included)
+                    0 => f32::from_bits(r as u32),
+                    // small integers: many repeats
+                    1 => (r % 81) as f32 - 40.0,
+                    2 => (r >> 11) as f32 * 1e-13 - 1e3,
+                    _ => f32::from_bits((r as u32) & 0x807F_FFFF),
+                }
+            })
+            .collect();
+        x.extend([
+            0.0,
+            -0.0,
+            f32::MIN,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            -f32::MIN_POSITIVE,
+        ]);
+        x.extend([1e-45, -1e-45, f32::NAN, f32::INFINITY, f32::NEG_INFINITY]);
+        let mut want: Vec<f32> = x.iter().copied().filter(|v| v.is_finite()).collect();
+        want.sort_unstable_by(f32::total_cmp);
+        let got = sorted_finite(&x);
+        assert_eq!(got.len(), want.len());
+        assert!(got
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(sorted_finite(&[]).is_empty());
+    }
 
     /// The kept-values path and the every-value path (window 0: every cut bin falls back)
     /// agree to f64 rounding, and each reports the SSE of its own codebook.

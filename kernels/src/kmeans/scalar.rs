@@ -8,7 +8,7 @@
 //! assignment picks the nearest centroid, the lower one at an exact midpoint; +inf goes to the
 //! last centroid and -inf to the first.
 
-use super::{layer_with, Codebook, Layer};
+use super::{layer_with, rows_of_block, Codebook, Layer};
 
 /// Index of the centroid nearest to `x`.
 #[inline]
@@ -31,15 +31,17 @@ pub fn decode(idx: &[u8], cb: &Codebook, out: &mut [f32]) {
 }
 
 /// The minimum over `i` in `first..=last` of `prev[i] + cost(i, j)` and its leftmost argmin,
-/// where `cost(i, j) = max(0, (s2[j] - s2[i]) - s * s / (w[j] - w[i]))`, `s = s1[j] - s1[i]`,
-/// is the SSE of the cluster made of distinct values `i..j`. The SIMD scans evaluate the same
-/// operations in the same order, so every candidate's value, and the argmin, are identical.
+/// where `cost(i, j) = max(0, (s2[j] - s2[i]) - s * s * (1 / (w[j] - w[i])))`,
+/// `s = s1[j] - s1[i]`, is the SSE of the cluster made of positions `i..j`. The SIMD scans
+/// evaluate the same operations in the same order (the reciprocal divided, or read from
+/// [`Layer::inv`], which holds the same quotients), so every candidate's value, and the
+/// argmin, are identical.
 pub(crate) fn dp_row(r: &Layer, j: usize, first: usize, last: usize) -> (f64, usize) {
     let (wj, s1j, s2j) = (r.w[j], r.s1[j], r.s2[j]);
     let (mut best, mut at) = (f64::INFINITY, first);
     for i in first..=last {
         let s = s1j - r.s1[i];
-        let v = r.prev[i] + ((s2j - r.s2[i]) - s * s / (wj - r.w[i])).max(0.0);
+        let v = r.prev[i] + ((s2j - r.s2[i]) - s * s * (1.0 / (wj - r.w[i]))).max(0.0);
         if v < best {
             best = v;
             at = i;
@@ -50,5 +52,13 @@ pub(crate) fn dp_row(r: &Layer, j: usize, first: usize, last: usize) -> (f64, us
 
 /// One layer of the dynamic program (see `layer_with`) with [`dp_row`] scans.
 pub(crate) fn dp_layer(l: &Layer, cur: &mut [f64], arg: &mut [u32]) {
-    layer_with(l, cur, arg, |j, a, b| dp_row(l, j, a, b));
+    layer_with(
+        l,
+        cur,
+        arg,
+        |j, a, b| dp_row(l, j, a, b),
+        |j0, count, a, b, cur, arg| {
+            rows_of_block(j0, count, a, b, cur, arg, |j, a, b| dp_row(l, j, a, b))
+        },
+    );
 }

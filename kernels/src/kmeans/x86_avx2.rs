@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{layer_with, scalar, Codebook, Layer};
+use super::{layer_with, rows_of_block, scalar, Codebook, Layer};
 use crate::linear::x86_avx2::store32;
 
 #[inline]
@@ -112,6 +112,7 @@ unsafe fn dp_row(r: &Layer, j: usize, first: usize, last: usize) -> (f64, usize)
     if end - first >= 4 {
         let (vw, v1, v2) = (_mm256_set1_pd(wj), _mm256_set1_pd(s1j), _mm256_set1_pd(s2j));
         let zero = _mm256_setzero_pd();
+        let one = _mm256_set1_pd(1.0);
         let mut vbest = _mm256_set1_pd(f64::INFINITY);
         let mut vat = _mm256_set1_pd(first as f64);
         let mut idx = _mm256_add_pd(
@@ -125,7 +126,10 @@ unsafe fn dp_row(r: &Layer, j: usize, first: usize, last: usize) -> (f64, usize)
             let d2 = _mm256_sub_pd(v2, _mm256_loadu_pd(s2.add(i)));
             let dw = _mm256_sub_pd(vw, _mm256_loadu_pd(w.add(i)));
             let c = _mm256_max_pd(
-                _mm256_sub_pd(d2, _mm256_div_pd(_mm256_mul_pd(s, s), dw)),
+                _mm256_sub_pd(
+                    d2,
+                    _mm256_mul_pd(_mm256_mul_pd(s, s), _mm256_div_pd(one, dw)),
+                ),
                 zero,
             );
             let v = _mm256_add_pd(_mm256_loadu_pd(prev.add(i)), c);
@@ -148,7 +152,7 @@ unsafe fn dp_row(r: &Layer, j: usize, first: usize, last: usize) -> (f64, usize)
     }
     while i < end {
         let s = s1j - r.s1[i];
-        let v = r.prev[i] + ((s2j - r.s2[i]) - s * s / (wj - r.w[i])).max(0.0);
+        let v = r.prev[i] + ((s2j - r.s2[i]) - s * s * (1.0 / (wj - r.w[i]))).max(0.0);
         if v < best {
             best = v;
             at = i;
@@ -164,5 +168,13 @@ unsafe fn dp_row(r: &Layer, j: usize, first: usize, last: usize) -> (f64, usize)
 /// The CPU must support AVX2 and FMA; `first <= last < l.prev.len()` for every row.
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn dp_layer(l: &Layer, cur: &mut [f64], arg: &mut [u32]) {
-    layer_with(l, cur, arg, |j, a, b| dp_row(l, j, a, b));
+    layer_with(
+        l,
+        cur,
+        arg,
+        |j, a, b| dp_row(l, j, a, b),
+        |j0, count, a, b, cur, arg| {
+            rows_of_block(j0, count, a, b, cur, arg, |j, a, b| dp_row(l, j, a, b))
+        },
+    );
 }

@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{layer_with, Codebook, Layer};
+use super::{layer_with, Codebook, Layer, INV_PAD};
 use crate::linear::x86_avx512::lanes_mask;
 
 #[inline]
@@ -92,24 +92,45 @@ pub unsafe fn decode(idx: &[u8], cb: &Codebook, out: &mut [f32]) {
 
 /// [`super::scalar::dp_row`] on 8 candidates per step: each lane keeps its smallest value and
 /// the first candidate that reached it, then the lanes are reduced to the minimum and, among
-/// the lanes that hold it, the smallest candidate (the leftmost argmin).
+/// the lanes that hold it, the smallest candidate (the leftmost argmin). With `UNIT` weights
+/// the reciprocal counts come from [`Layer::inv`] (one load and a lane reversal) instead of a
+/// division.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn dp_row(r: &Layer, j: usize, first: usize, last: usize) -> (f64, usize) {
+unsafe fn dp_row<const UNIT: bool>(r: &Layer, j: usize, first: usize, last: usize) -> (f64, usize) {
     let (wj, s1j, s2j) = (
         _mm512_set1_pd(r.w[j]),
         _mm512_set1_pd(r.s1[j]),
         _mm512_set1_pd(r.s2[j]),
     );
-    let inf = _mm512_set1_pd(f64::INFINITY);
     let zero = _mm512_setzero_pd();
+    let one = _mm512_set1_pd(1.0);
+    let reverse = _mm512_setr_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+    let (prev, w, s1, s2) = (r.prev.as_ptr(), r.w.as_ptr(), r.s1.as_ptr(), r.s2.as_ptr());
+    let inv = r.inv.unwrap_or(&[]).as_ptr();
+    // the values of candidates i..i + 8 in lanes k
+    let values = |i: usize, k: __mmask8| {
+        let s = _mm512_sub_pd(s1j, _mm512_maskz_loadu_pd(k, s1.add(i)));
+        let d2 = _mm512_sub_pd(s2j, _mm512_maskz_loadu_pd(k, s2.add(i)));
+        let rcp = if UNIT {
+            // lane l: count j - i - l, at inv[INV_PAD + j - i - l] (i <= j - 1: in bounds)
+            _mm512_permutexvar_pd(reverse, _mm512_loadu_pd(inv.add(INV_PAD + j - i - 7)))
+        } else {
+            _mm512_div_pd(one, _mm512_sub_pd(wj, _mm512_maskz_loadu_pd(k, w.add(i))))
+        };
+        let c = _mm512_max_pd(
+            _mm512_sub_pd(d2, _mm512_mul_pd(_mm512_mul_pd(s, s), rcp)),
+            zero,
+        );
+        _mm512_add_pd(_mm512_maskz_loadu_pd(k, prev.add(i)), c)
+    };
+    let inf = _mm512_set1_pd(f64::INFINITY);
     let (mut best, mut at) = (inf, _mm512_set1_epi64(first as i64));
     let mut idx = _mm512_add_epi64(
         _mm512_set1_epi64(first as i64),
         _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7),
     );
     let eight = _mm512_set1_epi64(8);
-    let (prev, w, s1, s2) = (r.prev.as_ptr(), r.w.as_ptr(), r.s1.as_ptr(), r.s2.as_ptr());
     let end = last + 1;
     let mut i = first;
     while i < end {
@@ -118,26 +139,19 @@ unsafe fn dp_row(r: &Layer, j: usize, first: usize, last: usize) -> (f64, usize)
         } else {
             ((1u32 << (end - i)) - 1) as __mmask8
         };
-        let s = _mm512_sub_pd(s1j, _mm512_maskz_loadu_pd(k, s1.add(i)));
-        let d2 = _mm512_sub_pd(s2j, _mm512_maskz_loadu_pd(k, s2.add(i)));
-        let dw = _mm512_sub_pd(wj, _mm512_maskz_loadu_pd(k, w.add(i)));
-        let c = _mm512_max_pd(
-            _mm512_sub_pd(d2, _mm512_div_pd(_mm512_mul_pd(s, s), dw)),
-            zero,
-        );
-        let v = _mm512_add_pd(_mm512_maskz_loadu_pd(k, prev.add(i)), c);
-        let better = k & _mm512_cmp_pd_mask::<_CMP_LT_OQ>(v, best);
+        let v = values(i, k);
+        let better = _mm512_mask_cmp_pd_mask::<_CMP_LT_OQ>(k, v, best);
         best = _mm512_mask_mov_pd(best, better, v);
         at = _mm512_mask_mov_epi64(at, better, idx);
         idx = _mm512_add_epi64(idx, eight);
         i += 8;
     }
     let min = _mm512_reduce_min_pd(best);
-    let holds = _mm512_cmp_pd_mask::<_CMP_EQ_OQ>(best, _mm512_set1_pd(min));
-    if holds == 0 {
-        // every candidate was NaN: the scalar scan reports +inf at `first`
+    if min == f64::INFINITY {
+        // every candidate was NaN or +inf: the scalar scan reports +inf at `first`
         return (f64::INFINITY, first);
     }
+    let holds = _mm512_cmp_pd_mask::<_CMP_EQ_OQ>(best, _mm512_set1_pd(min));
     if end - first <= 8 {
         // one step: lane l holds candidate first + l
         return (min, first + holds.trailing_zeros() as usize);
@@ -152,5 +166,107 @@ unsafe fn dp_row(r: &Layer, j: usize, first: usize, last: usize) -> (f64, usize)
 /// `super::optimal_partition` guarantees.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(crate) unsafe fn dp_layer(l: &Layer, cur: &mut [f64], arg: &mut [u32]) {
-    layer_with(l, cur, arg, |j, a, b| dp_row(l, j, a, b));
+    if l.inv.is_some() {
+        layer_with(
+            l,
+            cur,
+            arg,
+            |j, a, b| dp_row::<true>(l, j, a, b),
+            |j0, count, a, b, cur, arg| dp_block::<true>(l, j0, count, a, b, cur, arg),
+        );
+    } else {
+        layer_with(
+            l,
+            cur,
+            arg,
+            |j, a, b| dp_row::<false>(l, j, a, b),
+            |j0, count, a, b, cur, arg| dp_block::<false>(l, j0, count, a, b, cur, arg),
+        );
+    }
+}
+
+/// [`super::rows_of_block`] with one row per lane: rows `j0..j0 + count` (`count < 8`) take
+/// the candidates `first..=last` in order, each broadcast to every lane; a lane skips the
+/// candidates past its row's `j - 1` and keeps its smallest value and the first candidate
+/// that reached it, as the scalar scan of that row does. No reduction across lanes. With
+/// `UNIT` weights the lanes' reciprocal counts are one load from [`Layer::inv`].
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn dp_block<const UNIT: bool>(
+    r: &Layer,
+    j0: usize,
+    count: usize,
+    first: usize,
+    last: usize,
+    cur: &mut [f64],
+    arg: &mut [u32],
+) {
+    debug_assert!(count < 8 && j0 + count <= cur.len() && j0 + count <= arg.len());
+    debug_assert!(first < j0 && last < r.prev.len() && last + 1 < j0 + count);
+    let rows = ((1u32 << count) - 1) as __mmask8;
+    let (wj, s1j, s2j) = (
+        _mm512_maskz_loadu_pd(rows, r.w.as_ptr().add(j0)),
+        _mm512_maskz_loadu_pd(rows, r.s1.as_ptr().add(j0)),
+        _mm512_maskz_loadu_pd(rows, r.s2.as_ptr().add(j0)),
+    );
+    let zero = _mm512_setzero_pd();
+    let one = _mm512_set1_pd(1.0);
+    let (prev, w, s1, s2) = (r.prev.as_ptr(), r.w.as_ptr(), r.s1.as_ptr(), r.s2.as_ptr());
+    let inv = r.inv.unwrap_or(&[]).as_ptr();
+    // candidate i for every row, and the rows j > i that take it
+    let candidate = |i: usize| {
+        let open = if i < j0 {
+            rows
+        } else {
+            // i - j0 + 1 <= 6 here
+            rows & !(((1u32 << (i - j0 + 1)) - 1) as __mmask8)
+        };
+        let s = _mm512_sub_pd(s1j, _mm512_set1_pd(*s1.add(i)));
+        let d2 = _mm512_sub_pd(s2j, _mm512_set1_pd(*s2.add(i)));
+        let rcp = if UNIT {
+            // lane l: count j0 + l - i, at inv[INV_PAD + j0 - i + l] (i <= j0 + 6)
+            _mm512_loadu_pd(inv.add(INV_PAD + j0 - i))
+        } else {
+            _mm512_div_pd(one, _mm512_sub_pd(wj, _mm512_set1_pd(*w.add(i))))
+        };
+        let c = _mm512_max_pd(
+            _mm512_sub_pd(d2, _mm512_mul_pd(_mm512_mul_pd(s, s), rcp)),
+            zero,
+        );
+        (open, _mm512_add_pd(_mm512_set1_pd(*prev.add(i)), c))
+    };
+    // two accumulators (even and odd candidates) so that the compare-and-keep chains
+    // overlap; each keeps per lane its smallest value and the first candidate reaching it
+    let inf = _mm512_set1_pd(f64::INFINITY);
+    let start = _mm512_set1_epi64(first as i64);
+    let (mut best0, mut at0, mut best1, mut at1) = (inf, start, inf, start);
+    let mut i = first;
+    while i < last {
+        let (open0, v0) = candidate(i);
+        let (open1, v1) = candidate(i + 1);
+        let b0 = _mm512_mask_cmp_pd_mask::<_CMP_LT_OQ>(open0, v0, best0);
+        let b1 = _mm512_mask_cmp_pd_mask::<_CMP_LT_OQ>(open1, v1, best1);
+        best0 = _mm512_mask_mov_pd(best0, b0, v0);
+        best1 = _mm512_mask_mov_pd(best1, b1, v1);
+        at0 = _mm512_mask_mov_epi64(at0, b0, _mm512_set1_epi64(i as i64));
+        at1 = _mm512_mask_mov_epi64(at1, b1, _mm512_set1_epi64(i as i64 + 1));
+        i += 2;
+    }
+    if i == last {
+        let (open0, v0) = candidate(i);
+        let b0 = _mm512_mask_cmp_pd_mask::<_CMP_LT_OQ>(open0, v0, best0);
+        best0 = _mm512_mask_mov_pd(best0, b0, v0);
+        at0 = _mm512_mask_mov_epi64(at0, b0, _mm512_set1_epi64(i as i64));
+    }
+    // per lane: the smaller value, on a tie the earlier candidate
+    let take1 = _mm512_cmp_pd_mask::<_CMP_LT_OQ>(best1, best0)
+        | (_mm512_cmp_pd_mask::<_CMP_EQ_OQ>(best1, best0) & _mm512_cmplt_epi64_mask(at1, at0));
+    let best = _mm512_mask_mov_pd(best0, take1, best1);
+    let at = _mm512_mask_mov_epi64(at0, take1, at1);
+    _mm512_mask_storeu_pd(cur.as_mut_ptr().add(j0), rows, best);
+    _mm256_mask_storeu_epi32(
+        arg.as_mut_ptr().add(j0) as *mut i32,
+        rows,
+        _mm512_cvtepi64_epi32(at),
+    );
 }
