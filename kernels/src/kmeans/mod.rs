@@ -443,7 +443,8 @@ fn optimal_partition(
     let mut starts = vec![0usize; k];
     let mut j = m;
     for c in (1..k).rev() {
-        let i = args[c - 1][j] as usize;
+        // the last cluster of the first j values in c + 1 clusters starts at i
+        let i = args[c * (m + 1) + j] as usize;
         starts[c] = i;
         j = i;
     }
@@ -451,31 +452,40 @@ fn optimal_partition(
 }
 
 /// Layers 2..=k of the dynamic program over `p` (m positions): the minimum cost of all
-/// m values in k clusters and, with `keep`, each layer's argmins (the traceback, `(k - 1) x
-/// (m + 1)` entries); without it two argmin arrays take turns (a layer writes its own rows'
-/// argmins and reads those and the previous layer's).
-fn dp_layers(
-    kernels: &Kernels,
-    p: &Prefix,
-    m: usize,
-    k: usize,
-    keep: bool,
-) -> (f64, Vec<Vec<u32>>) {
+/// m values in k clusters and, with `keep`, every layer's argmins (the traceback, flat:
+/// layer `c`'s `m + 1` entries from `(c - 1) (m + 1)`, after the first layer's zeros);
+/// without it two argmin arrays take turns (a layer writes its own rows' argmins and reads
+/// those and the previous layer's).
+fn dp_layers(kernels: &Kernels, p: &Prefix, m: usize, k: usize, keep: bool) -> (f64, Vec<u32>) {
+    let stride = m + 1;
     // prev[j]: best cost of the first j values in `layer` clusters
     let mut prev: Vec<f64> = (0..=m)
         .map(|j| if j == 0 { 0.0 } else { p.cost(0, j) })
         .collect();
-    let mut cur = vec![f64::INFINITY; m + 1];
-    let mut args: Vec<Vec<u32>> = Vec::with_capacity(if keep { k - 1 } else { 0 });
-    let mut arg = vec![0u32; m + 1];
-    // the argmins of the previous layer (one cluster: every row splits at 0)
-    let mut lower = vec![0u32; m + 1];
+    let mut cur = vec![f64::INFINITY; stride];
+    // slot 0: the first layer's argmins (one cluster: every row splits at 0)
+    let mut args = vec![0u32; stride * if keep { k } else { 3 }];
     for c in 2..=k {
-        cur.iter_mut().for_each(|v| *v = f64::INFINITY);
+        // rows below c are not part of this layer (and never read as candidates)
+        cur[..c].fill(f64::INFINITY);
+        let (below, slot) = if keep {
+            (c - 2, c - 1)
+        } else if c == 2 {
+            (0, 1)
+        } else {
+            (1 + (c - 1) % 2, 1 + c % 2)
+        };
+        let (lower, arg) = if below < slot {
+            let (a, b) = args.split_at_mut(slot * stride);
+            (&a[below * stride..][..stride], &mut b[..stride])
+        } else {
+            let (a, b) = args.split_at_mut(below * stride);
+            (&b[..stride], &mut a[slot * stride..][..stride])
+        };
         // j values in c clusters need j >= c; the split i leaves >= c-1 values before it
         let layer = Layer {
             prev: &prev,
-            lower: &lower,
+            lower,
             inv: p.inv.as_deref(),
             w: &p.w,
             s1: &p.s1,
@@ -485,14 +495,10 @@ fn dp_layers(
             opt_lo: c - 1,
             opt_hi: m - 1,
         };
-        dispatch!(kernels, dp_layer(&layer, &mut cur, &mut arg));
+        dispatch!(kernels, dp_layer(&layer, &mut cur, arg));
         std::mem::swap(&mut prev, &mut cur);
-        std::mem::swap(&mut lower, &mut arg);
-        if keep {
-            args.push(lower.clone());
-        }
     }
-    (prev[m], args)
+    (prev[m], if keep { args } else { Vec::new() })
 }
 
 /// The optimal (minimum-SSE) clustering of the finite values of `x` into at most `k`
