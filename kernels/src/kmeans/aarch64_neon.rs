@@ -4,7 +4,7 @@
 
 use std::arch::aarch64::*;
 
-use super::{layer_with, rows_of_block, scalar, Codebook, Layer};
+use super::{layer_with, rows_of_block, scalar, Codebook, FastBinning, Layer};
 
 /// # Safety
 /// The CPU must support NEON; `out.len() == x.len()`.
@@ -87,4 +87,18 @@ pub(crate) unsafe fn dp_layer(l: &Layer, cur: &mut [f64], arg: &mut [u32]) {
             })
         },
     );
+}
+
+/// [`scalar::keep_values`] (the pass is rare-branch bound; no vector form on this ISA).
+///
+/// # Safety
+/// None beyond the dispatch's CPU check.
+#[target_feature(enable = "neon")]
+pub(crate) unsafe fn keep_values(
+    x: &[f32],
+    bins: &FastBinning,
+    keep: &[u32],
+    out: &mut Vec<(f32, u32)>,
+) {
+    scalar::keep_values(x, bins, keep, out)
 }

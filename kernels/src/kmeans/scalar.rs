@@ -8,7 +8,7 @@
 //! assignment picks the nearest centroid, the lower one at an exact midpoint; +inf goes to the
 //! last centroid and -inf to the first.
 
-use super::{layer_with, rows_of_block, Codebook, Layer};
+use super::{layer_with, rows_of_block, Codebook, FastBinning, Layer};
 
 /// Index of the centroid nearest to `x`.
 #[inline]
@@ -61,4 +61,17 @@ pub(crate) fn dp_layer(l: &Layer, cur: &mut [f64], arg: &mut [u32]) {
             rows_of_block(j0, count, a, b, cur, arg, |j, a, b| dp_row(l, j, a, b))
         },
     );
+}
+
+/// The fast mode's second pass: every finite value of `x` whose bin is marked in the bitmap
+/// `keep` (bit `b % 32` of word `b / 32`), appended to `out` in order with its bin.
+pub(crate) fn keep_values(x: &[f32], bins: &FastBinning, keep: &[u32], out: &mut Vec<(f32, u32)>) {
+    for &v in x {
+        if v.is_finite() {
+            let b = bins.bin_of(v);
+            if keep[b / 32] >> (b % 32) & 1 == 1 {
+                out.push((v, b as u32));
+            }
+        }
+    }
 }

@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{layer_with, rows_of_block, scalar, Codebook, Layer};
+use super::{layer_with, rows_of_block, scalar, Codebook, FastBinning, Layer};
 use crate::linear::x86_avx2::store32;
 
 #[inline]
@@ -177,4 +177,18 @@ pub(crate) unsafe fn dp_layer(l: &Layer, cur: &mut [f64], arg: &mut [u32]) {
             rows_of_block(j0, count, a, b, cur, arg, |j, a, b| dp_row(l, j, a, b))
         },
     );
+}
+
+/// [`scalar::keep_values`] (the pass is rare-branch bound; no vector form on this ISA).
+///
+/// # Safety
+/// None beyond the dispatch's CPU check.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn keep_values(
+    x: &[f32],
+    bins: &FastBinning,
+    keep: &[u32],
+    out: &mut Vec<(f32, u32)>,
+) {
+    scalar::keep_values(x, bins, keep, out)
 }

@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{layer_with, Codebook, Layer, INV_PAD};
+use super::{layer_with, scalar, Codebook, FastBinning, Layer, FAST_BINS, INV_PAD};
 use crate::linear::x86_avx512::lanes_mask;
 
 #[inline]
@@ -202,7 +202,7 @@ unsafe fn dp_block<const UNIT: bool>(
     arg: &mut [u32],
 ) {
     debug_assert!(count < 8 && j0 + count <= cur.len() && j0 + count <= arg.len());
-    debug_assert!(first < j0 && last < r.prev.len() && last + 1 < j0 + count);
+    debug_assert!(first < j0 && last < r.prev.len() && last < j0 + count);
     let rows = ((1u32 << count) - 1) as __mmask8;
     let (wj, s1j, s2j) = (
         _mm512_maskz_loadu_pd(rows, r.w.as_ptr().add(j0)),
@@ -218,7 +218,7 @@ unsafe fn dp_block<const UNIT: bool>(
         let open = if i < j0 {
             rows
         } else {
-            // i - j0 + 1 <= 6 here
+            // i - j0 + 1 <= count <= 7 here
             rows & !(((1u32 << (i - j0 + 1)) - 1) as __mmask8)
         };
         let s = _mm512_sub_pd(s1j, _mm512_set1_pd(*s1.add(i)));
@@ -269,4 +269,60 @@ unsafe fn dp_block<const UNIT: bool>(
         rows,
         _mm512_cvtepi64_epi32(at),
     );
+}
+
+/// [`scalar::keep_values`] 16 values at a time: the bins in f64 as the reference computes
+/// them, the bitmap words gathered for the finite lanes; the rare kept lanes are appended in
+/// order.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL/DQ; `keep` covers [`FAST_BINS`] bits.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+pub(crate) unsafe fn keep_values(
+    x: &[f32],
+    bins: &FastBinning,
+    keep: &[u32],
+    out: &mut Vec<(f32, u32)>,
+) {
+    debug_assert!(keep.len() * 32 >= FAST_BINS);
+    let (lo, scale) = (_mm512_set1_pd(bins.lo as f64), _mm512_set1_pd(bins.scale));
+    let top = _mm512_set1_epi32(FAST_BINS as i32 - 1);
+    let (zero, one) = (_mm512_setzero_si512(), _mm512_set1_epi32(1));
+    let n = x.len() - x.len() % 16;
+    let mut idx = [0u32; 16];
+    for i in (0..n).step_by(16) {
+        let v = _mm512_loadu_ps(x.as_ptr().add(i));
+        // v - v is 0 exactly for the finite values (NaN for NaN and +-inf)
+        let finite = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_sub_ps(v, v), _mm512_setzero_ps());
+        let bin = |h: __m256| {
+            let t = _mm512_mul_pd(_mm512_sub_pd(_mm512_cvtps_pd(h), lo), scale);
+            _mm512_cvttpd_epi32(t)
+        };
+        let low = bin(_mm512_castps512_ps256(v));
+        let high = bin(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+            _mm512_castps_pd(v),
+        )));
+        let b = _mm512_min_epi32(
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(low), high),
+            top,
+        );
+        let word = _mm512_mask_i32gather_epi32::<4>(
+            zero,
+            finite,
+            _mm512_srli_epi32::<5>(b),
+            keep.as_ptr() as *const _,
+        );
+        let bit = _mm512_sllv_epi32(one, _mm512_and_si512(b, _mm512_set1_epi32(31)));
+        // the non-finite lanes gathered 0: never kept
+        let mut hit = _mm512_test_epi32_mask(word, bit);
+        if hit != 0 {
+            _mm512_storeu_si512(idx.as_mut_ptr() as *mut _, b);
+            while hit != 0 {
+                let l = hit.trailing_zeros() as usize;
+                out.push((x[i + l], idx[l]));
+                hit &= hit - 1;
+            }
+        }
+    }
+    scalar::keep_values(&x[n..], bins, keep, out);
 }
