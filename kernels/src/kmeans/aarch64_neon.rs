@@ -4,7 +4,7 @@
 
 use std::arch::aarch64::*;
 
-use super::{layer_with, rows_of_block, scalar, Codebook, FastBinning, Layer};
+use super::{layer_by_rows, scalar, Codebook, FastBinning, Layer};
 
 /// # Safety
 /// The CPU must support NEON; `out.len() == x.len()`.
@@ -76,17 +76,7 @@ pub unsafe fn decode(idx: &[u8], cb: &Codebook, out: &mut [f32]) {
 /// Safe to call on any aarch64 CPU; `unsafe` only for the dispatch signature.
 #[target_feature(enable = "neon")]
 pub(crate) unsafe fn dp_layer(l: &Layer, cur: &mut [f64], arg: &mut [u32]) {
-    layer_with(
-        l,
-        cur,
-        arg,
-        |j, a, b| scalar::dp_row(l, j, a, b),
-        |j0, count, a, b, cur, arg| {
-            rows_of_block(j0, count, a, b, cur, arg, |j, a, b| {
-                scalar::dp_row(l, j, a, b)
-            })
-        },
-    );
+    layer_by_rows(l, cur, arg, |j, a, b| scalar::dp_row(l, j, a, b));
 }
 
 /// [`scalar::keep_values`] (the pass is rare-branch bound; no vector form on this ISA).

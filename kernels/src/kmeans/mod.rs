@@ -360,10 +360,24 @@ pub(crate) fn layer_with(
     }
 }
 
+/// [`layer_with`] with its blocks solved row by row by `row` ([`rows_of_block`]): the
+/// reference, and the ISAs without a block scan.
+#[inline(always)]
+pub(crate) fn layer_by_rows(
+    l: &Layer,
+    cur: &mut [f64],
+    arg: &mut [u32],
+    row: impl Fn(usize, usize, usize) -> (f64, usize) + Copy,
+) {
+    layer_with(l, cur, arg, row, |j0, count, a, b, cur, arg| {
+        rows_of_block(j0, count, a, b, cur, arg, row)
+    });
+}
+
 /// The reference block of [`layer_with`]: rows `j0..j0 + count`, each scanned by `row` over
 /// `first..=min(last, j - 1)`.
 #[inline(always)]
-pub(crate) fn rows_of_block(
+fn rows_of_block(
     j0: usize,
     count: usize,
     first: usize,

@@ -8,7 +8,7 @@
 //! assignment picks the nearest centroid, the lower one at an exact midpoint; +inf goes to the
 //! last centroid and -inf to the first.
 
-use super::{layer_with, rows_of_block, Codebook, FastBinning, Layer};
+use super::{layer_by_rows, Codebook, FastBinning, Layer};
 
 /// Index of the centroid nearest to `x`.
 #[inline]
@@ -52,15 +52,7 @@ pub(crate) fn dp_row(r: &Layer, j: usize, first: usize, last: usize) -> (f64, us
 
 /// One layer of the dynamic program (see `layer_with`) with [`dp_row`] scans.
 pub(crate) fn dp_layer(l: &Layer, cur: &mut [f64], arg: &mut [u32]) {
-    layer_with(
-        l,
-        cur,
-        arg,
-        |j, a, b| dp_row(l, j, a, b),
-        |j0, count, a, b, cur, arg| {
-            rows_of_block(j0, count, a, b, cur, arg, |j, a, b| dp_row(l, j, a, b))
-        },
-    );
+    layer_by_rows(l, cur, arg, |j, a, b| dp_row(l, j, a, b));
 }
 
 /// The fast mode's second pass: every finite value of `x` whose bin is marked in the bitmap

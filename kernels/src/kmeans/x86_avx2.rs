@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{layer_with, rows_of_block, scalar, Codebook, FastBinning, Layer};
+use super::{layer_by_rows, scalar, Codebook, FastBinning, Layer};
 use crate::linear::x86_avx2::store32;
 
 #[inline]
@@ -168,15 +168,7 @@ unsafe fn dp_row(r: &Layer, j: usize, first: usize, last: usize) -> (f64, usize)
 /// The CPU must support AVX2 and FMA; `first <= last < l.prev.len()` for every row.
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn dp_layer(l: &Layer, cur: &mut [f64], arg: &mut [u32]) {
-    layer_with(
-        l,
-        cur,
-        arg,
-        |j, a, b| dp_row(l, j, a, b),
-        |j0, count, a, b, cur, arg| {
-            rows_of_block(j0, count, a, b, cur, arg, |j, a, b| dp_row(l, j, a, b))
-        },
-    );
+    layer_by_rows(l, cur, arg, |j, a, b| dp_row(l, j, a, b));
 }
 
 /// [`scalar::keep_values`] (the pass is rare-branch bound; no vector form on this ISA).
