@@ -21,7 +21,7 @@
 //! ## Microkernels
 //! | name | ISA | operation | exactness |
 //! |---|---|---|---|
-//! | `avx512vnni_dpbusd` | AVX-512 VNNI | `vpdpbusd` u8 x s8, 4 products per i32 lane | no saturation (`vpdpbusd`, not `vpdpbusds`); `i8` A is flipped to `a + 128` (`^ 0x80`) as the unsigned operand (`beta = 128`: no row sums of A) |
+//! | `avx512vnni_dpbusd` | AVX-512 VNNI | `vpdpbusd` u8 x s8, 4 products per i32 lane | no saturation (`vpdpbusd`, not `vpdpbusds`); with `i8` A, when one panel spans N, B is packed as `b + 128`, the unsigned operand (`alpha = 128`; the microkernel sums its rows of A itself), else each A broadcast is flipped to `a + 128` (`^ 0x80`) as the unsigned operand (`beta = 128`) |
 //! | `avx2_maddwd_i16` | AVX2 | codes widened to i16, `vpmaddwd` | exact for all inputs: a product pair is at most `2 * 255 * 128 < 2^31` |
 //! | `neon_sdot` | NEON + dotprod | `sdot` (emitted with `asm!`) | `u8` A is shifted to `i8` (`a - 128`, `beta = -128`) |
 //! | `neon_smull_sadalp` | NEON | `smull` to i16 + `sadalp` | products of two i8 are at most `2^14` in magnitude |
@@ -196,8 +196,9 @@ impl Microkernel {
 
     /// `(alpha, beta)`: the multiples of A's row sums and B's column sums the microkernel's
     /// operand shifts add to `sum A*B` (see the module docs).
-    fn shifts(self, a_signed: bool) -> (i32, i32) {
+    fn shifts(self, a_signed: bool, b_flip: bool) -> (i32, i32) {
         match (self, a_signed) {
+            (Microkernel::Avx512VnniDpbusd, true) if b_flip => (128, 0),
             (Microkernel::Avx512VnniDpbusd, true) => (0, 128),
             (Microkernel::NeonSdot | Microkernel::NeonSmullSadalp, false) => (0, -128),
             _ => (0, 0),
@@ -284,6 +285,8 @@ struct Line([u8; 64]);
 pub struct PackedB {
     mk: Microkernel,
     a_signed: bool,
+    /// B is stored as `b + 128` (the VNNI microkernel's unsigned operand; `i8` A, one panel).
+    b_flip: bool,
     k: usize,
     n: usize,
     kp: usize,
@@ -305,6 +308,7 @@ impl std::fmt::Debug for PackedB {
             .field("k", &self.k)
             .field("n", &self.n)
             .field("a_signed", &self.a_signed)
+            .field("b_flip", &self.b_flip)
             .finish()
     }
 }
@@ -352,9 +356,13 @@ impl PackedB {
         let g = mk.k_group();
         let kp = k.div_ceil(g) * g;
         let (mr, nr) = mk.tile(n);
+        // the flipped B needs the row sums of A, which the microkernel computes per tile:
+        // only worth it when one panel spans N (each row summed once)
+        let b_flip = mk == Microkernel::Avx512VnniDpbusd && A::SIGNED && n <= nr;
         let mut packed = PackedB {
             mk,
             a_signed: A::SIGNED,
+            b_flip,
             k,
             n,
             kp,
@@ -390,6 +398,8 @@ impl PackedB {
                     let at = p * panel_bytes + ((grp * nr + jj) * g + within) * elem;
                     if elem == 2 {
                         bytes[at..at + 2].copy_from_slice(&(v as i16).to_ne_bytes());
+                    } else if b_flip {
+                        bytes[at] = v as u8 ^ 0x80;
                     } else {
                         bytes[at] = v as u8;
                     }
@@ -472,6 +482,9 @@ pub(crate) struct Tile {
     pub last: bool,
     pub row_add: *const i32,
     pub col_add: *const i32,
+    /// Not 0: the microkernel sums each of its rows of A over this K block and subtracts
+    /// `row_coef * rowsum` from the row (every block, not only the last). VNNI only.
+    pub row_coef: i32,
     /// Segmented A (implicit im2col): when not null, row `i` starts at `a + row_offsets[i]`
     /// and is `segs` runs of `groups / segs` groups, run `s` at `+ s * seg_stride` bytes;
     /// `MR_MAX` offsets are readable (rows past the last repeat it), so the microkernel
@@ -906,10 +919,14 @@ fn rows_block<A: ActCode, O: Code>(
         finish_rows(&c, 0, m, 0, n, n, b, &mut sink);
         return;
     }
-    let (alpha, beta) = b.mk.shifts(A::SIGNED);
+    let (alpha, beta) = b.mk.shifts(A::SIGNED, b.b_flip);
     let per_channel_zb = b.zero_points.len() > 1;
     let zb_t = if per_channel_zb { 0 } else { b.zero_points[0] };
-    let need_rowsum = alpha != 0 || b.zero_points.iter().any(|&z| z != 0);
+    let row_coef = alpha + zb_t;
+    // the VNNI microkernel sums its own rows of A when one panel spans N (each row once);
+    // B's per-column zero points still need the sums here, for the pass after the block
+    let kernel_sums = b.mk == Microkernel::Avx512VnniDpbusd && n <= b.nr && row_coef != 0;
+    let need_rowsum = per_channel_zb || (row_coef != 0 && !kernel_sums);
     let sum_bytes = |row: &[u8]| -> i32 {
         if A::SIGNED {
             row.iter().map(|&v| v as i8 as i32).sum()
@@ -960,8 +977,7 @@ fn rows_block<A: ActCode, O: Code>(
                 .wrapping_add(kk.wrapping_mul(za).wrapping_mul(zb))
         })
         .collect();
-    let row_coef = alpha + zb_t;
-    let row_term: Vec<i32> = if need_rowsum {
+    let row_term: Vec<i32> = if row_coef != 0 && !kernel_sums {
         rowsum
             .iter()
             .map(|&r| r.wrapping_mul(row_coef).wrapping_neg())
@@ -1073,6 +1089,7 @@ fn rows_block<A: ActCode, O: Code>(
                             last: pc + KC >= b.kp,
                             row_add: row_term[ic + ir..].as_ptr(),
                             col_add: col_term[jc + jr..].as_ptr(),
+                            row_coef: if kernel_sums { row_coef } else { 0 },
                             row_offsets: match src {
                                 ASrc::Segmented { offsets, .. } => offsets[ic + ir..].as_ptr(),
                                 ASrc::Dense(_) => std::ptr::null(),
@@ -1110,9 +1127,9 @@ fn rows_block<A: ActCode, O: Code>(
                                 };
                                 // SAFETY: as for `call_microkernel`; one K block (the
                                 // condition of `fused`), `e` in bounds as above.
-                                unsafe { call_tile_requant::<O>(A::SIGNED, mr, nr, &t, &e) };
+                                unsafe { call_tile_requant::<O>(vnni_mode(b), mr, nr, &t, &e) };
                             }
-                            _ => unsafe { call_microkernel(b.mk, A::SIGNED, mr, nr, &t) },
+                            _ => unsafe { call_microkernel(b, &t) },
                         }
                     }
                 }
@@ -1175,23 +1192,34 @@ impl<'a, O: Code> Fused<'a, O> {
 /// documents.
 #[cfg(target_arch = "x86_64")]
 unsafe fn call_tile_requant<O: Code>(
-    a_signed: bool,
+    mode: u8,
     mr: usize,
     nr: usize,
     t: &Tile,
     e: &x86_avx512vnni::TileOutput<'_>,
 ) {
-    use x86_avx512vnni::tile_requant;
-    match (mr, nr, a_signed) {
-        (12, 16, false) => tile_requant::<12, 1, false, O>(t, e),
-        (12, 16, true) => tile_requant::<12, 1, true, O>(t, e),
-        (8, 32, false) => tile_requant::<8, 2, false, O>(t, e),
-        (8, 32, true) => tile_requant::<8, 2, true, O>(t, e),
-        (8, 48, false) => tile_requant::<8, 3, false, O>(t, e),
-        (8, 48, true) => tile_requant::<8, 3, true, O>(t, e),
-        (6, 64, false) => tile_requant::<6, 4, false, O>(t, e),
-        (6, 64, true) => tile_requant::<6, 4, true, O>(t, e),
-        _ => unreachable!("no avx512vnni tile {mr}x{nr}"),
+    use x86_avx512vnni::{tile_requant, FLIP_A, FLIP_B, PLAIN};
+    match (mr, nr, mode) {
+        (12, 16, PLAIN) => tile_requant::<12, 1, PLAIN, O>(t, e),
+        (12, 16, FLIP_B) => tile_requant::<12, 1, FLIP_B, O>(t, e),
+        (8, 32, PLAIN) => tile_requant::<8, 2, PLAIN, O>(t, e),
+        (8, 32, FLIP_B) => tile_requant::<8, 2, FLIP_B, O>(t, e),
+        (8, 48, PLAIN) => tile_requant::<8, 3, PLAIN, O>(t, e),
+        (8, 48, FLIP_B) => tile_requant::<8, 3, FLIP_B, O>(t, e),
+        (6, 64, PLAIN) => tile_requant::<6, 4, PLAIN, O>(t, e),
+        (6, 64, FLIP_A) => tile_requant::<6, 4, FLIP_A, O>(t, e),
+        (6, 64, FLIP_B) => tile_requant::<6, 4, FLIP_B, O>(t, e),
+        _ => unreachable!("no avx512vnni tile {mr}x{nr} in mode {mode}"),
+    }
+}
+
+/// The VNNI microkernel's operand mode for a packed B (see `x86_avx512vnni::PLAIN`).
+#[cfg(target_arch = "x86_64")]
+fn vnni_mode(b: &PackedB) -> u8 {
+    match (b.a_signed, b.b_flip) {
+        (false, _) => x86_avx512vnni::PLAIN,
+        (true, false) => x86_avx512vnni::FLIP_A,
+        (true, true) => x86_avx512vnni::FLIP_B,
     }
 }
 
@@ -1286,20 +1314,25 @@ fn pack_a_pairs<A: ActCode>(
 
 /// # Safety
 /// `mk` runs on this CPU and `t` describes valid memory for a `mr x nr` tile.
-unsafe fn call_microkernel(mk: Microkernel, a_signed: bool, mr: usize, nr: usize, t: &Tile) {
+unsafe fn call_microkernel(b: &PackedB, t: &Tile) {
+    let (mk, a_signed, mr, nr) = (b.mk, b.a_signed, b.mr, b.nr);
     match mk {
         #[cfg(target_arch = "x86_64")]
-        Microkernel::Avx512VnniDpbusd => match (mr, nr, a_signed) {
-            (12, 16, false) => x86_avx512vnni::tile::<12, 1, false>(t),
-            (12, 16, true) => x86_avx512vnni::tile::<12, 1, true>(t),
-            (8, 32, false) => x86_avx512vnni::tile::<8, 2, false>(t),
-            (8, 32, true) => x86_avx512vnni::tile::<8, 2, true>(t),
-            (8, 48, false) => x86_avx512vnni::tile::<8, 3, false>(t),
-            (8, 48, true) => x86_avx512vnni::tile::<8, 3, true>(t),
-            (6, 64, false) => x86_avx512vnni::tile::<6, 4, false>(t),
-            (6, 64, true) => x86_avx512vnni::tile::<6, 4, true>(t),
-            _ => unreachable!("no avx512vnni tile {mr}x{nr}"),
-        },
+        Microkernel::Avx512VnniDpbusd => {
+            use x86_avx512vnni::{tile, FLIP_A, FLIP_B, PLAIN};
+            match (mr, nr, vnni_mode(b)) {
+                (12, 16, PLAIN) => tile::<12, 1, PLAIN>(t),
+                (12, 16, FLIP_B) => tile::<12, 1, FLIP_B>(t),
+                (8, 32, PLAIN) => tile::<8, 2, PLAIN>(t),
+                (8, 32, FLIP_B) => tile::<8, 2, FLIP_B>(t),
+                (8, 48, PLAIN) => tile::<8, 3, PLAIN>(t),
+                (8, 48, FLIP_B) => tile::<8, 3, FLIP_B>(t),
+                (6, 64, PLAIN) => tile::<6, 4, PLAIN>(t),
+                (6, 64, FLIP_A) => tile::<6, 4, FLIP_A>(t),
+                (6, 64, FLIP_B) => tile::<6, 4, FLIP_B>(t),
+                (_, _, mode) => unreachable!("no avx512vnni tile {mr}x{nr} in mode {mode}"),
+            }
+        }
         #[cfg(target_arch = "x86_64")]
         Microkernel::Avx2MaddwdI16 => match (mr, nr) {
             (12, 8) => x86_avx2::tile::<12, 1>(t),

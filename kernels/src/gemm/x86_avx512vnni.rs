@@ -3,9 +3,11 @@
 //!
 //! Tile `MR x 16*NV`: per group of 4 k the kernel loads NV vectors of B (16 columns x 4
 //! codes each), broadcasts 4 codes of each of the MR rows of A, and issues MR * NV
-//! `vpdpbusd`. A is the unsigned operand and B the signed one; `i8` A is read as `a + 128`
-//! (each broadcast `^ 0x80`) and the driver removes `128 * colsum(B)`, a constant per column,
-//! so signed activations need no row sums of A.
+//! `vpdpbusd`. Which operand is the unsigned one depends on the mode (see [`PLAIN`],
+//! [`FLIP_A`], [`FLIP_B`]). When the tile's `row_coef` is not 0 the kernel also sums its A
+//! rows (one `vpdpbusd` against ones per 64 bytes of a row) and subtracts
+//! `row_coef * rowsum` from every column of the row: the row-sum term of the zero-point
+//! algebra without a pass over A of its own.
 
 use std::arch::x86_64::*;
 
@@ -22,14 +24,137 @@ unsafe fn broadcast_partial(p: *const u8, n: usize) -> __m512i {
     _mm512_broadcastd_epi32(v)
 }
 
-/// Signed A codes as the unsigned operand: `a ^ 0x80 = a + 128` in every byte.
+/// `u8` A is the unsigned operand, B (signed) as given.
+pub const PLAIN: u8 = 0;
+/// `i8` A is read as `a + 128` (each broadcast `^ 0x80`) as the unsigned operand and B is
+/// the signed one; the driver removes `128 * colsum(B)`, a constant per column. Costs one
+/// `vpxord` per broadcast: used for wide N, where a broadcast feeds NV `vpdpbusd`.
+pub const FLIP_A: u8 = 1;
+/// `i8` A is the signed operand (its broadcast folds into `vpdpbusd` as a memory operand)
+/// and B is packed as `b + 128`, the unsigned one; the raw sum carries `128 * rowsum(A)`,
+/// removed through the tile's `row_coef`. Used when one panel spans N, so that each row
+/// is summed once.
+pub const FLIP_B: u8 = 2;
+
+/// One group's products: `acc += a * b` with the operands in the mode's order.
 #[inline(always)]
-unsafe fn flip<const SIGNED_A: bool>(av: __m512i) -> __m512i {
-    if SIGNED_A {
-        _mm512_xor_si512(av, _mm512_set1_epi8(0x80u8 as i8))
-    } else {
-        av
+unsafe fn dp<const MODE: u8>(acc: __m512i, av: __m512i, bv: __m512i) -> __m512i {
+    match MODE {
+        FLIP_A => _mm512_dpbusd_epi32(
+            acc,
+            _mm512_xor_si512(av, _mm512_set1_epi8(0x80u8 as i8)),
+            bv,
+        ),
+        FLIP_B => _mm512_dpbusd_epi32(acc, bv, av),
+        _ => _mm512_dpbusd_epi32(acc, av, bv),
     }
+}
+
+/// `row_coef * rowsum` of each of the tile's MR rows over this K block (lane i: row i), as i8 codes when
+/// `signed` else u8 (wrapping, like every other term). Each row's bytes go through
+/// `vpdpbusd` against ones, 64 at a time (16 partial sums per row), and one shuffle tree
+/// reduces all rows together.
+#[inline(always)]
+unsafe fn row_terms<const MR: usize>(t: &Tile, rows: &[*const u8; MR], signed: bool) -> __m512i {
+    let ones = _mm512_set1_epi8(1);
+    let dot = |z: __m512i, v: __m512i| {
+        if signed {
+            _mm512_dpbusd_epi32(z, ones, v)
+        } else {
+            _mm512_dpbusd_epi32(z, v, ones)
+        }
+    };
+    let per = 4 * t.seg_groups;
+    // order is row i at lane 4 * (i % 4) + i / 4 of the tree's result
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    let coef = _mm512_set1_epi32(t.row_coef);
+    if t.segs == 1 && per + t.tail <= 32 {
+        // short rows: two per vector (row 2p in the low half), which is the tree's first
+        // level already
+        let mask: __mmask32 = ((1u64 << (per + t.tail)) - 1) as __mmask32;
+        let mut v = [_mm512_setzero_si512(); 8];
+        for p in 0..MR.div_ceil(2) {
+            let lo = _mm256_maskz_loadu_epi8(mask, rows[2 * p] as *const i8);
+            let hi = if 2 * p + 1 < MR {
+                _mm256_maskz_loadu_epi8(mask, rows[2 * p + 1] as *const i8)
+            } else {
+                _mm256_setzero_si256()
+            };
+            v[p] = dot(
+                _mm512_setzero_si512(),
+                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi),
+            );
+        }
+        let sums = _mm512_permutexvar_epi32(order, hsum_pairs(&v));
+        return _mm512_mullo_epi32(sums, coef);
+    }
+    let mut z = [_mm512_setzero_si512(); 16];
+    for seg in 0..t.segs {
+        // dense rows are one run with the tail after it
+        let len = per + if seg + 1 == t.segs { t.tail } else { 0 };
+        let at = seg * t.seg_stride;
+        let full = len / 64;
+        for c in 0..full {
+            for i in 0..MR {
+                let v = _mm512_loadu_si512(rows[i].add(at + 64 * c) as *const _);
+                z[i] = dot(z[i], v);
+            }
+        }
+        let rem = len % 64;
+        if rem > 0 {
+            let mask: __mmask64 = (1u64 << rem) - 1;
+            for i in 0..MR {
+                let v = _mm512_maskz_loadu_epi8(mask, rows[i].add(at + 64 * full) as *const i8);
+                z[i] = dot(z[i], v);
+            }
+        }
+    }
+    let sums = _mm512_permutexvar_epi32(order, hsum16(&z));
+    _mm512_mullo_epi32(sums, coef)
+}
+
+/// The lane sums of 16 vectors in one vector: lane `4 * (i % 4) + i / 4` holds the sum of
+/// `z[i]`. Four levels of shuffles and adds (vectors past a tile's MR rows are zero and
+/// fold away).
+#[inline(always)]
+unsafe fn hsum16(z: &[__m512i; 16]) -> __m512i {
+    // 16 -> 8: 128-bit lanes 0-1 hold z[2p]'s partials, lanes 2-3 z[2p+1]'s
+    let mut v = [_mm512_setzero_si512(); 8];
+    for p in 0..8 {
+        let (a, b) = (z[2 * p], z[2 * p + 1]);
+        v[p] = _mm512_add_epi32(
+            _mm512_shuffle_i32x4::<0x44>(a, b),
+            _mm512_shuffle_i32x4::<0xEE>(a, b),
+        );
+    }
+    hsum_pairs(&v)
+}
+
+/// The rest of [`hsum16`] from its first level: `v[p]`'s 128-bit lanes 0-1 hold partial sums
+/// of row 2p, lanes 2-3 of row 2p + 1.
+#[inline(always)]
+unsafe fn hsum_pairs(v: &[__m512i; 8]) -> __m512i {
+    // 8 -> 4: 128-bit lane l of w[q] holds row 4q + l's 4 partials
+    let mut w = [_mm512_setzero_si512(); 4];
+    for q in 0..4 {
+        let (a, b) = (v[2 * q], v[2 * q + 1]);
+        w[q] = _mm512_add_epi32(
+            _mm512_shuffle_i32x4::<0x88>(a, b),
+            _mm512_shuffle_i32x4::<0xDD>(a, b),
+        );
+    }
+    // 4 -> 2: in lane l, dwords 0-1 are row 8r + l's partials, dwords 2-3 row 8r + 4 + l's
+    let mut s = [_mm512_setzero_si512(); 2];
+    for r in 0..2 {
+        let (a, b) = (w[2 * r], w[2 * r + 1]);
+        s[r] = _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
+    }
+    // 2 -> 1: lane l is rows l, 4 + l, 8 + l, 12 + l
+    let (a, b) = (_mm512_castsi512_ps(s[0]), _mm512_castsi512_ps(s[1]));
+    _mm512_add_epi32(
+        _mm512_castps_si512(_mm512_shuffle_ps::<0x88>(a, b)),
+        _mm512_castps_si512(_mm512_shuffle_ps::<0xDD>(a, b)),
+    )
 }
 
 /// The accumulators of one tile. A function of its own so that the accumulator array is
@@ -37,9 +162,10 @@ unsafe fn flip<const SIGNED_A: bool>(av: __m512i) -> __m512i {
 /// function LLVM kept a memory copy of all 24 accumulators, updated every iteration).
 #[inline(never)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn products<const MR: usize, const NV: usize, const SIGNED_A: bool>(
+unsafe fn products<const MR: usize, const NV: usize, const MODE: u8>(
     t: &Tile,
     out: &mut [[__m512i; NV]; MR],
+    row_sub: &mut __m512i,
 ) {
     let mut acc = [[_mm512_setzero_si512(); NV]; MR];
     let mut rows = [t.a; MR];
@@ -54,6 +180,9 @@ unsafe fn products<const MR: usize, const NV: usize, const SIGNED_A: bool>(
             *r = t.a.add(*t.row_offsets.add(i));
         }
     }
+    if t.row_coef != 0 {
+        *row_sub = row_terms::<MR>(t, &rows, MODE != PLAIN);
+    }
     let mut b = t.b;
     // segmented rows (implicit im2col): `segs` runs of `per` groups; dense rows: one run
     let per = t.seg_groups;
@@ -66,9 +195,9 @@ unsafe fn products<const MR: usize, const NV: usize, const SIGNED_A: bool>(
             }
             for i in 0..MR {
                 let p = rows[i].add(seg * t.seg_stride + 4 * w);
-                let av = flip::<SIGNED_A>(_mm512_set1_epi32((p as *const i32).read_unaligned()));
+                let av = _mm512_set1_epi32((p as *const i32).read_unaligned());
                 for v in 0..NV {
-                    acc[i][v] = _mm512_dpbusd_epi32(acc[i][v], av, bv[v]);
+                    acc[i][v] = dp::<MODE>(acc[i][v], av, bv[v]);
                 }
             }
             b = b.add(64 * NV);
@@ -83,10 +212,10 @@ unsafe fn products<const MR: usize, const NV: usize, const SIGNED_A: bool>(
             *x = _mm512_load_si512(b.add(64 * v) as *const _);
         }
         for i in 0..MR {
-            // the bytes past the tail become 0x80 when flipped, against B's zero padding
-            let av = flip::<SIGNED_A>(broadcast_partial(rows[i].add(off), t.tail));
+            // the bytes past the tail are 0 (0x80 when flipped), against B's zero padding
+            let av = broadcast_partial(rows[i].add(off), t.tail);
             for v in 0..NV {
-                acc[i][v] = _mm512_dpbusd_epi32(acc[i][v], av, bv[v]);
+                acc[i][v] = dp::<MODE>(acc[i][v], av, bv[v]);
             }
         }
     }
@@ -95,12 +224,29 @@ unsafe fn products<const MR: usize, const NV: usize, const SIGNED_A: bool>(
     *out = acc;
 }
 
+/// Each row's term to add (lane i: row i): minus the row-sum term of this K block, plus the
+/// driver's row term when `last`. Read back one lane per row as a broadcast.
+#[inline(always)]
+unsafe fn row_adds(t: &Tile, row_sub: __m512i, last: bool) -> [i32; 16] {
+    let driver = if last {
+        _mm512_maskz_loadu_epi32(lanes_mask(t.rows.min(16)), t.row_add)
+    } else {
+        _mm512_setzero_si512()
+    };
+    let mut out = [0i32; 16];
+    _mm512_storeu_si512(
+        out.as_mut_ptr() as *mut _,
+        _mm512_sub_epi32(driver, row_sub),
+    );
+    out
+}
+
 /// # Safety
 /// AVX-512 F/BW/VL + VNNI; `t` as documented on [`Tile`], B panel 64-byte aligned with
 /// `16 * NV` columns per group.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 #[allow(clippy::needless_range_loop)] // constant indices keep `acc` in registers
-pub unsafe fn tile<const MR: usize, const NV: usize, const SIGNED_A: bool>(t: &Tile) {
+pub unsafe fn tile<const MR: usize, const NV: usize, const MODE: u8>(t: &Tile) {
     // the C tile is read back at the end: start fetching it now
     for i in 0..MR.min(t.rows) {
         for v in 0..NV {
@@ -108,7 +254,9 @@ pub unsafe fn tile<const MR: usize, const NV: usize, const SIGNED_A: bool>(t: &T
         }
     }
     let mut acc = [[_mm512_setzero_si512(); NV]; MR];
-    products::<MR, NV, SIGNED_A>(t, &mut acc);
+    let mut row_sub = _mm512_setzero_si512();
+    products::<MR, NV, MODE>(t, &mut acc, &mut row_sub);
+    let radd = row_adds(t, row_sub, t.last);
     // constant indices only (a loop over `acc` by reference would keep it in memory)
     for i in 0..MR {
         if i >= t.rows {
@@ -134,9 +282,11 @@ pub unsafe fn tile<const MR: usize, const NV: usize, const SIGNED_A: bool>(t: &T
             if t.last {
                 let add = _mm512_add_epi32(
                     _mm512_maskz_loadu_epi32(mask, t.col_add.add(col)),
-                    _mm512_set1_epi32(*t.row_add.add(i)),
+                    _mm512_set1_epi32(radd[i]),
                 );
                 x = _mm512_add_epi32(x, add);
+            } else if t.row_coef != 0 {
+                x = _mm512_add_epi32(x, _mm512_set1_epi32(radd[i]));
             }
             _mm512_mask_storeu_epi32(p, mask, x);
         }
@@ -167,17 +317,19 @@ pub(crate) struct TileOutput<'a> {
 /// As [`tile`]; `e` points at `t.cols` multipliers and shifts and at a `t.rows x t.cols`
 /// block of `O` codes with row stride `e.ldo`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn tile_requant<const MR: usize, const NV: usize, const SIGNED_A: bool, O: Code>(
+pub unsafe fn tile_requant<const MR: usize, const NV: usize, const MODE: u8, O: Code>(
     t: &Tile,
     e: &TileOutput<'_>,
 ) {
     debug_assert!(!t.accumulate && t.last);
     let mut acc = [[_mm512_setzero_si512(); NV]; MR];
-    products::<MR, NV, SIGNED_A>(t, &mut acc);
+    let mut row_sub = _mm512_setzero_si512();
+    products::<MR, NV, MODE>(t, &mut acc, &mut row_sub);
+    let radd = row_adds(t, row_sub, true);
     if e.any_left {
-        epilogue::<MR, NV, O, true>(t, e, &acc)
+        epilogue::<MR, NV, O, true>(t, e, &acc, &radd)
     } else {
-        epilogue::<MR, NV, O, false>(t, e, &acc)
+        epilogue::<MR, NV, O, false>(t, e, &acc, &radd)
     }
 }
 
@@ -188,6 +340,7 @@ unsafe fn epilogue<const MR: usize, const NV: usize, O: Code, const LEFT: bool>(
     t: &Tile,
     e: &TileOutput<'_>,
     acc: &[[__m512i; NV]; MR],
+    radd: &[i32; 16],
 ) {
     let oc = out_consts(e.output);
     let out = e.out as *mut O;
@@ -206,7 +359,7 @@ unsafe fn epilogue<const MR: usize, const NV: usize, O: Code, const LEFT: bool>(
                 break;
             }
             let x = _mm512_add_epi32(acc[i][v], cadd);
-            let x = _mm512_add_epi32(x, _mm512_set1_epi32(*t.row_add.add(i)));
+            let x = _mm512_add_epi32(x, _mm512_set1_epi32(radd[i]));
             let q = requant16::<LEFT>(x, m, l, r, &oc);
             store16(out.add(i * e.ldo + col), q, mask);
         }
