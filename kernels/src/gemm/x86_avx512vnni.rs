@@ -32,8 +32,8 @@ pub const PLAIN: u8 = 0;
 pub const FLIP_A: u8 = 1;
 /// `i8` A is the signed operand (its broadcast folds into `vpdpbusd` as a memory operand)
 /// and B is packed as `b + 128`, the unsigned one; the raw sum carries `128 * rowsum(A)`,
-/// removed through the tile's `row_coef`. Used when one panel spans N, so that each row
-/// is summed once.
+/// removed through the tile's `row_coef`. Used for N <= 16 (one panel of one vector, so
+/// each row is summed once and each broadcast feeds a single `vpdpbusd`).
 pub const FLIP_B: u8 = 2;
 
 /// One group's products: `acc += a * b` with the operands in the mode's order.
