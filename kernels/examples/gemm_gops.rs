@@ -1,5 +1,6 @@
 //! Quick single-shape timing of the int8 GEMM (the full comparison is `cargo xtask compare
-//! gemm`): `cargo run --release -p quantbench-kernels --example gemm_gops -- M K N [threads]`.
+//! gemm`): `cargo run --release -p quantbench-kernels --example gemm_gops -- M K N [threads]`;
+//! `ZB=z` packs B with zero point z (default 0).
 
 use std::time::Instant;
 
@@ -16,7 +17,8 @@ fn main() {
     let kern = Kernels::active();
     let a: Vec<u8> = (0..m * k).map(|i| (i * 7 % 251) as u8).collect();
     let b: Vec<i8> = (0..k * n).map(|i| (i * 13 % 255) as u8 as i8).collect();
-    let packed = kern.pack_b::<u8>(&b, k, n, &[0]).expect("pack");
+    let zb: i32 = std::env::var("ZB").map_or(0, |z| z.parse().expect("ZB: an integer"));
+    let packed = kern.pack_b::<u8>(&b, k, n, &[zb]).expect("pack");
     let mut c = vec![0i32; m * n];
     let ops = 2.0 * (m * k * n) as f64;
     let reps = ((2e9 / ops) as usize).clamp(3, 100_000);
