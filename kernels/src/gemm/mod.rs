@@ -285,7 +285,7 @@ struct Line([u8; 64]);
 pub struct PackedB {
     mk: Microkernel,
     a_signed: bool,
-    /// B is stored as `b + 128` (the VNNI microkernel's unsigned operand; `i8` A, one panel).
+    /// B is stored as `b + 128` (the VNNI microkernel's unsigned operand; `i8` A, N <= 16).
     b_flip: bool,
     k: usize,
     n: usize,
