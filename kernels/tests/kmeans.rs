@@ -135,8 +135,17 @@ fn optimal_against_quadratic_dp() {
         (2000, 4),
         (2000, 33),
         (800, 256),
+        // from 4096 positions on, the penalty search (`kmeans::LAGRANGE_MIN_POSITIONS`)
+        (5000, 5),
+        (4200, 12),
+        // integers with repeats: positions weighted by their counts, >= 4096 of them
+        (6000, 3),
     ] {
-        let x = data(&mut rng, n, 2.0, 0.01, false);
+        let x = if n == 6000 {
+            (0..n).map(|_| rng.range_i32(0, 9000) as f32).collect()
+        } else {
+            data(&mut rng, n, 2.0, 0.01, false)
+        };
         let f = optimal_1d(&x, k).unwrap();
         let want = quadratic_dp(&x, k);
         assert!(
