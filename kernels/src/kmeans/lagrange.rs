@@ -302,8 +302,8 @@ mod tests {
     }
 
     fn prefix(x: &[f32]) -> (Prefix, usize) {
-        let (values, weights, _) = sorted_positions(x);
-        (Prefix::new(&values, &weights), values.len())
+        let pos = sorted_positions(x);
+        (pos.prefix(), pos.len())
     }
 
     /// The SSE of the partition with these cluster starts.
