@@ -6,7 +6,9 @@
 //! along axis 0 with channel c scaled by (1 + c/64). The peers run in a virtual environment
 //! under target/ (created with pip when missing). ONNX Runtime's quantize output is also
 //! compared with ours code for code. Each kernel is measured in 3 alternating rounds (peers,
-//! ours) and each side reports its median, which tames this shared machine's drift.
+//! ours) and each side reports its median, which tames this shared machine's drift. The
+//! per-channel kernels' rounds also time ours per tensor (`{kernel}_vs_per_tensor` records:
+//! the per-channel goal, from interleaved runs).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -125,9 +127,13 @@ pub fn main(args: &[String]) -> Result<(), String> {
                     ])
                     .args(["--channels", &CHANNELS.to_string(), "--reps", &reps]);
             };
-            // ROUNDS alternating rounds (peers, then ours); each side's figure is its median
+            // ROUNDS alternating rounds (peers, then ours); each side's figure is its median.
+            // A per-channel kernel's rounds also time ours per tensor, right after, so the
+            // per-channel / per-tensor ratio compares runs minutes apart at most.
+            let per_tensor = kernel.strip_suffix("_per_channel");
             let mut peer_runs: Vec<Vec<Value>> = Vec::new();
             let mut our_runs: Vec<Value> = Vec::new();
+            let mut tensor_runs: Vec<f64> = Vec::new();
             for _ in 0..ROUNDS {
                 let mut py = Command::new(&python);
                 py.arg(root.join("xtask/peers/compare_quantize.py"))
@@ -149,6 +155,16 @@ pub fn main(args: &[String]) -> Result<(), String> {
                     serde_json::from_str(run(&mut ours)?.trim())
                         .map_err(|e| format!("quantbench output: {e}"))?,
                 );
+                if let Some(pt) = per_tensor {
+                    let mut c = Command::new(&quantbench);
+                    c.args(["bench-kernel", "--kernel", pt, "--npy"])
+                        .arg(&npy)
+                        .args(["--scale", &SCALE.to_string()])
+                        .args(["--zero-point", &ZERO_POINT.to_string(), "--reps", &reps]);
+                    let rec: Value = serde_json::from_str(run(&mut c)?.trim())
+                        .map_err(|e| format!("quantbench output: {e}"))?;
+                    tensor_runs.push(rec["gbps"].as_f64().unwrap_or(0.0));
+                }
             }
             let median = |mut v: Vec<f64>| {
                 v.sort_by(f64::total_cmp);
@@ -182,6 +198,21 @@ pub fn main(args: &[String]) -> Result<(), String> {
                     p
                 })
                 .collect();
+            if let Some(pt) = per_tensor {
+                let (pc, t) = (ours["gbps"].as_f64().unwrap_or(0.0), median(tensor_runs));
+                let name = format!("{kernel}_vs_per_tensor");
+                println!(
+                    "{:<24} {n:>10} {:>7} {pc:>10.2}  {:<20} {t:>10.2} {:>7.2}  (rounds interleaved)",
+                    kernel,
+                    ours["isa"].as_str().unwrap_or("?"),
+                    format!("ours {pt}"),
+                    pc / t
+                );
+                records.push(json!({
+                    "kernel": name, "n": n, "threads": 1, "isa": ours["isa"],
+                    "per_channel_gbps": pc, "per_tensor_gbps": t, "ratio": pc / t,
+                }));
+            }
             for p in peers {
                 let (og, pg) = (ours["gbps"].as_f64().unwrap(), p["gbps"].as_f64().unwrap());
                 let rec = json!({
