@@ -26,6 +26,7 @@ pub mod isa;
 pub mod kmeans;
 pub mod linear;
 pub mod pack;
+mod pages;
 pub mod rng;
 
 pub use code::{Code, CodeKind};

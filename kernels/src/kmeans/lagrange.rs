@@ -20,6 +20,7 @@
 //! caller runs the layered dynamic program instead.
 
 use super::{Prefix, INV_PAD};
+use crate::pages::Zeroed;
 
 /// Penalized passes at most before [`partition`] gives up (the searches of the comparison's
 /// samples took 1-6 per level).
@@ -28,12 +29,12 @@ const MAX_PASSES: usize = 60;
 /// The arrays of the penalized passes, allocated once for all of them.
 struct Pass {
     /// `f[i]`: the penalized cost of the best partition of the first `i` positions.
-    f: Vec<f64>,
+    f: Zeroed<f64>,
     /// `arg[i]`: where that partition's last cluster starts.
-    arg: Vec<u32>,
+    arg: Zeroed<u32>,
     /// The candidate queue: candidate `queue[t]` is the best for rows from `start[t]` on.
-    queue: Vec<u32>,
-    start: Vec<u32>,
+    queue: Zeroed<u32>,
+    start: Zeroed<u32>,
     /// The clusters and SSE of the last pass.
     last: (usize, f64),
 }
@@ -41,10 +42,10 @@ struct Pass {
 impl Pass {
     fn new(m: usize) -> Pass {
         Pass {
-            f: vec![0.0; m + 1],
-            arg: vec![0; m + 1],
-            queue: vec![0; m + 1],
-            start: vec![0; m + 1],
+            f: Zeroed::new(m + 1),
+            arg: Zeroed::new(m + 1),
+            queue: Zeroed::new(m + 1),
+            start: Zeroed::new(m + 1),
             last: (0, 0.0),
         }
     }
@@ -52,14 +53,15 @@ impl Pass {
     /// One pass at penalty `lambda`: the number of clusters of the partition found and its
     /// SSE (summed over its clusters).
     fn run(&mut self, p: &Prefix, m: usize, lambda: f64) -> (usize, f64) {
+        let (w, s1, s2) = (&p.w[..], &p.s1[..], &p.s2[..]);
         match p.inv.as_deref() {
             Some(inv) => self.run_with(m, lambda, |i, j| {
-                let s = p.s1[j] - p.s1[i];
-                ((p.s2[j] - p.s2[i]) - s * s * inv[INV_PAD + j - i]).max(0.0)
+                let s = s1[j] - s1[i];
+                ((s2[j] - s2[i]) - s * s * inv[INV_PAD + j - i]).max(0.0)
             }),
             None => self.run_with(m, lambda, |i, j| {
-                let s = p.s1[j] - p.s1[i];
-                ((p.s2[j] - p.s2[i]) - s * s * (1.0 / (p.w[j] - p.w[i]))).max(0.0)
+                let s = s1[j] - s1[i];
+                ((s2[j] - s2[i]) - s * s * (1.0 / (w[j] - w[i]))).max(0.0)
             }),
         }
     }
@@ -73,13 +75,12 @@ impl Pass {
         lambda: f64,
         cost: impl Fn(usize, usize) -> f64,
     ) -> (usize, f64) {
-        let Pass {
-            f,
-            arg,
-            queue,
-            start,
-            ..
-        } = self;
+        let (f, arg, queue, start) = (
+            &mut self.f[..],
+            &mut self.arg[..],
+            &mut self.queue[..],
+            &mut self.start[..],
+        );
         // the penalized cost of rows 0..r ending with the cluster j..r (j < r)
         let val = |f: &[f64], j: usize, r: usize| f[j] + cost(j, r);
         f[0] = 0.0;
@@ -96,11 +97,15 @@ impl Pass {
             if i == m {
                 break;
             }
-            // candidate i (rows > i): drop the candidates it beats from their first row on
+            // candidate i (rows > i): drop the candidates it beats from their first row on;
+            // i then also beats the one before the last dropped at that row (which the
+            // dropped one beat there), a bound for the search below
+            let mut beaten = m + 1;
             loop {
                 let b = queue[t - 1] as usize;
                 let s = (start[t - 1] as usize).max(i + 1);
                 if val(f, i, s) < val(f, b, s) {
+                    beaten = s;
                     t -= 1;
                     if t == h {
                         break;
@@ -119,9 +124,9 @@ impl Pass {
             let b = queue[t - 1] as usize;
             let s = (start[t - 1] as usize).max(i + 1);
             let better = |r: usize| val(f, i, r) < val(f, b, r);
-            let (mut lo, mut hi) = (s, m + 1);
+            let (mut lo, mut hi) = (s, beaten);
             let mut step = 1;
-            while lo + step <= m {
+            while hi > m && lo + step <= m {
                 if better(lo + step) {
                     hi = lo + step;
                     break;
@@ -199,10 +204,12 @@ fn coarse_penalty(p: &Prefix, m: usize, k: usize) -> Option<f64> {
         return None;
     }
     // coarse position c is position c COARSE; the last one is m
-    let pick = |v: &[f64]| -> Vec<f64> {
-        (0..=mc)
-            .map(|c| v[if c == mc { m } else { c * COARSE }])
-            .collect()
+    let pick = |v: &[f64]| -> Zeroed<f64> {
+        let mut out = Zeroed::new(mc + 1);
+        for (c, o) in out.iter_mut().enumerate() {
+            *o = v[if c == mc { m } else { c * COARSE }];
+        }
+        out
     };
     let coarse = Prefix {
         w: pick(&p.w),

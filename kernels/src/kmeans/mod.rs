@@ -45,6 +45,7 @@ mod x86_avx512;
 use crate::error::{check_len, KernelError};
 use crate::isa::Kernels;
 use crate::linear::{dispatch, ChannelLayout};
+use crate::pages::Zeroed;
 
 /// Largest codebook: indices are stored in `u8`.
 pub const MAX_CLUSTERS: usize = 256;
@@ -149,41 +150,52 @@ pub struct KMeansFit {
 /// The finite values of `x` in ascending order (-0.0 before 0.0), the order of
 /// `f32::total_cmp`: a least-significant-digit radix sort of their order-preserving bit
 /// patterns, three passes of 11 bits (several times faster than a comparison sort here).
-fn sorted_finite(x: &[f32]) -> Vec<f32> {
-    // negative values: all bits flipped; others: the sign bit set
+fn sorted_finite(x: &[f32]) -> Zeroed<f32> {
+    // negative values: all bits flipped; others: the sign bit set (branch-free: the signs
+    // of a sample are not predictable)
     let key = |v: f32| {
         let b = v.to_bits();
-        if b >> 31 == 1 {
-            !b
-        } else {
-            b | 0x8000_0000
-        }
+        b ^ (((b as i32 >> 31) as u32) | 0x8000_0000)
     };
-    let mut a: Vec<u32> = x
-        .iter()
-        .filter(|v| v.is_finite())
-        .map(|&v| key(v))
-        .collect();
-    let mut b = vec![0u32; a.len()];
-    for shift in [0, 11, 22] {
+    let n = x.iter().filter(|v| v.is_finite()).count();
+    let mut a = Zeroed::<u32>::new(n);
+    // the three passes' digit counts, in the same read as the keys
+    let mut counts = [[0usize; 1 << 11]; 3];
+    let mut put = |k: &mut u32, v: f32| {
+        *k = key(v);
+        counts[0][(*k & 0x7FF) as usize] += 1;
+        counts[1][((*k >> 11) & 0x7FF) as usize] += 1;
+        counts[2][(*k >> 22) as usize] += 1;
+    };
+    if n == x.len() {
+        a.iter_mut().zip(x).for_each(|(k, &v)| put(k, v));
+    } else {
+        let finite = x.iter().filter(|v| v.is_finite());
+        a.iter_mut().zip(finite).for_each(|(k, &v)| put(k, v));
+    }
+    let mut b = Zeroed::<u32>::new(n);
+    let mut sorted = Zeroed::<f32>::new(n);
+    /// A counting-sort pass on the 11 bits of the keys `src` from `shift` with the digit
+    /// counts `count`: `put(slot, key)`.
+    fn pass(src: &[u32], shift: u32, count: &[usize; 1 << 11], mut put: impl FnMut(usize, u32)) {
         let mut start = [0usize; 1 << 11];
-        for &k in &a {
-            start[((k >> shift) & 0x7FF) as usize] += 1;
-        }
         let mut sum = 0;
-        for c in start.iter_mut() {
-            (*c, sum) = (sum, sum + *c);
+        for (s, &c) in start.iter_mut().zip(count) {
+            (*s, sum) = (sum, sum + c);
         }
-        for &k in &a {
+        for &k in src {
             let d = ((k >> shift) & 0x7FF) as usize;
-            b[start[d]] = k;
+            put(start[d], k);
             start[d] += 1;
         }
-        std::mem::swap(&mut a, &mut b);
     }
-    a.into_iter()
-        .map(|k| f32::from_bits(if k >> 31 == 1 { k & 0x7FFF_FFFF } else { !k }))
-        .collect()
+    pass(&a, 0, &counts[0], |i, k| b[i] = k);
+    pass(&b, 11, &counts[1], |i, k| a[i] = k);
+    // the last pass writes the values themselves (the key's inverse)
+    pass(&a, 22, &counts[2], |i, k| {
+        sorted[i] = f32::from_bits(k ^ ((!((k as i32) >> 31) as u32) | 0x8000_0000))
+    });
+    sorted
 }
 
 /// The finite values of `x` sorted, as the positions of the dynamic program with their
@@ -205,7 +217,7 @@ fn sorted_positions(x: &[f32]) -> Positions {
     let merged = (sorted.len() - distinct > sorted.len() / 8).then(|| {
         let mut values: Vec<f64> = Vec::with_capacity(distinct);
         let mut weights: Vec<f64> = Vec::with_capacity(distinct);
-        for &a in &sorted {
+        for &a in sorted.iter() {
             if values.last().is_some_and(|&l| l == a as f64) {
                 *weights.last_mut().unwrap() += 1.0;
             } else {
@@ -225,7 +237,7 @@ fn sorted_positions(x: &[f32]) -> Positions {
 /// The positions of the dynamic program ([`sorted_positions`]).
 struct Positions {
     /// The finite values, sorted: the positions, each of weight 1, unless `merged`.
-    sorted: Vec<f32>,
+    sorted: Zeroed<f32>,
     /// The distinct values and their counts, when equal values are merged.
     merged: Option<(Vec<f64>, Vec<f64>)>,
     /// Distinct finite values.
@@ -268,8 +280,8 @@ impl Positions {
 pub(crate) const INV_PAD: usize = 8;
 
 /// The reciprocal table of [`Layer::inv`] for positions of unit weight, `m` positions.
-fn reciprocals(m: usize) -> Vec<f64> {
-    let mut inv = vec![0.0; INV_PAD + m + 2 * INV_PAD + 1];
+fn reciprocals(m: usize) -> Zeroed<f64> {
+    let mut inv = Zeroed::new(INV_PAD + m + 2 * INV_PAD + 1);
     for (c, r) in inv.iter_mut().enumerate().skip(INV_PAD + 1) {
         *r = 1.0 / (c - INV_PAD) as f64;
     }
@@ -279,11 +291,11 @@ fn reciprocals(m: usize) -> Vec<f64> {
 /// Prefix sums of weights, weighted values and weighted squares, of values shifted by their
 /// weighted mean (smaller magnitudes, less cancellation in the cost formula).
 struct Prefix {
-    w: Vec<f64>,
-    s1: Vec<f64>,
-    s2: Vec<f64>,
+    w: Zeroed<f64>,
+    s1: Zeroed<f64>,
+    s2: Zeroed<f64>,
     /// [`reciprocals`] when every weight is 1 (then `w[j] - w[i] = j - i` exactly).
-    inv: Option<Vec<f64>>,
+    inv: Option<Zeroed<f64>>,
 }
 
 impl Prefix {
@@ -291,12 +303,15 @@ impl Prefix {
         let total: f64 = weights.iter().sum();
         let mean = values.iter().zip(weights).map(|(v, w)| v * w).sum::<f64>() / total;
         let m = values.len();
-        let (mut w, mut s1, mut s2) = (vec![0.0; m + 1], vec![0.0; m + 1], vec![0.0; m + 1]);
+        let (mut w, mut s1, mut s2) = (Zeroed::new(m + 1), Zeroed::new(m + 1), Zeroed::new(m + 1));
+        // running sums in registers (through the arrays, each step waited on a store)
+        let (mut tw, mut t1, mut t2) = (0.0, 0.0, 0.0);
         for i in 0..m {
             let d = values[i] - mean;
-            w[i + 1] = w[i] + weights[i];
-            s1[i + 1] = s1[i] + weights[i] * d;
-            s2[i + 1] = s2[i] + weights[i] * d * d;
+            tw += weights[i];
+            t1 += weights[i] * d;
+            t2 += weights[i] * d * d;
+            (w[i + 1], s1[i + 1], s2[i + 1]) = (tw, t1, t2);
         }
         let inv = weights.iter().all(|&w| w == 1.0).then(|| reciprocals(m));
         Prefix { w, s1, s2, inv }
@@ -306,12 +321,14 @@ impl Prefix {
     fn unit(sorted: &[f32]) -> Prefix {
         let m = sorted.len();
         let mean = sorted.iter().map(|&v| v as f64).sum::<f64>() / m as f64;
-        let (mut w, mut s1, mut s2) = (vec![0.0; m + 1], vec![0.0; m + 1], vec![0.0; m + 1]);
+        let (mut w, mut s1, mut s2) = (Zeroed::new(m + 1), Zeroed::new(m + 1), Zeroed::new(m + 1));
+        let (mut tw, mut t1, mut t2) = (0.0, 0.0, 0.0);
         for i in 0..m {
             let d = sorted[i] as f64 - mean;
-            w[i + 1] = w[i] + 1.0;
-            s1[i + 1] = s1[i] + d;
-            s2[i + 1] = s2[i] + d * d;
+            tw += 1.0;
+            t1 += d;
+            t2 += d * d;
+            (w[i + 1], s1[i + 1], s2[i + 1]) = (tw, t1, t2);
         }
         Prefix {
             w,
@@ -325,11 +342,13 @@ impl Prefix {
     /// common reference (the cost formula does not depend on it).
     fn from_bins(bins: &[[f64; 3]]) -> Prefix {
         let m = bins.len();
-        let (mut w, mut s1, mut s2) = (vec![0.0; m + 1], vec![0.0; m + 1], vec![0.0; m + 1]);
+        let (mut w, mut s1, mut s2) = (Zeroed::new(m + 1), Zeroed::new(m + 1), Zeroed::new(m + 1));
+        let (mut tw, mut t1, mut t2) = (0.0, 0.0, 0.0);
         for (i, b) in bins.iter().enumerate() {
-            w[i + 1] = w[i] + b[0];
-            s1[i + 1] = s1[i] + b[1];
-            s2[i + 1] = s2[i] + b[2];
+            tw += b[0];
+            t1 += b[1];
+            t2 += b[2];
+            (w[i + 1], s1[i + 1], s2[i + 1]) = (tw, t1, t2);
         }
         Prefix {
             w,
@@ -686,7 +705,7 @@ fn optimal_on(kernels: &Kernels, x: &[f32], k: usize) -> Result<KMeansFit, Kerne
         centroids.push((sv / sw) as f32);
     }
     let codebook = Codebook::new(centroids)?;
-    let sse = sse(x, &codebook);
+    let sse = sse_on(kernels, x, &codebook);
     Ok(KMeansFit { codebook, sse })
 }
 
@@ -967,6 +986,23 @@ pub fn sse(x: &[f32], codebook: &Codebook) -> f64 {
         .sum()
 }
 
+/// [`sse`], bit for bit, with the nearest centroids found by `kernels`' assign kernel (a
+/// block at a time) instead of one binary search per value.
+fn sse_on(kernels: &Kernels, x: &[f32], codebook: &Codebook) -> f64 {
+    let mut idx = [0u8; 4096];
+    let mut total = -0.0;
+    for block in x.chunks(idx.len()) {
+        let idx = &mut idx[..block.len()];
+        dispatch!(kernels, assign(block, codebook, idx));
+        for (&v, &i) in block.iter().zip(idx.iter()) {
+            if v.is_finite() {
+                total += (v as f64 - codebook.centroids[i as usize] as f64).powi(2);
+            }
+        }
+    }
+    total
+}
+
 /// One optimal codebook per channel of `x` viewed through `layout`.
 pub fn optimal_1d_per_channel(
     x: &[f32],
@@ -1088,6 +1124,34 @@ pub fn centroid_gradients(
 mod tests {
     use super::*;
 
+    /// The SSE through the assign kernels is [`sse`]'s, bit for bit, on every ISA: values
+    /// on both sides of every midpoint, non-finite values skipped, lengths around the block.
+    #[test]
+    fn sse_through_the_assign_kernels_is_the_reference_bit_for_bit() {
+        use crate::isa::Isa;
+        use crate::rng::{uniform, NoiseKey};
+        let key = NoiseKey::from_seed(41);
+        for (n, k) in [(0u32, 3usize), (5, 1), (4095, 16), (4097, 7), (20_000, 256)] {
+            let mut x: Vec<f32> = (0..n).map(|i| (uniform(key, i) - 0.5) * 8.0).collect();
+            for (i, bad) in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY]
+                .into_iter()
+                .enumerate()
+            {
+                if let Some(v) = x.get_mut(3 * i + 1) {
+                    *v = bad;
+                }
+            }
+            let cb = Codebook::new((0..k).map(|c| c as f32 - k as f32 / 3.0).collect()).unwrap();
+            // values exactly on the midpoints
+            x.extend(cb.thresholds.iter().copied());
+            let want = sse(&x, &cb);
+            for isa in Isa::available() {
+                let got = sse_on(&Kernels::new(isa).unwrap(), &x, &cb);
+                assert_eq!(got.to_bits(), want.to_bits(), "{} n={n} k={k}", isa.name());
+            }
+        }
+    }
+
     /// Few repeats: every value is a position of weight 1; more: equal values merge.
     #[test]
     fn positions_merge_equal_values_only_when_many_repeat() {
@@ -1105,8 +1169,8 @@ mod tests {
         let values: Vec<f64> = (0..16).map(|t| pos.value(t)).collect();
         let general = Prefix::new(&values, &[1.0; 16]);
         assert_eq!(
-            (&unit.w, &unit.s1, &unit.s2),
-            (&general.w, &general.s1, &general.s2)
+            (&unit.w[..], &unit.s1[..], &unit.s2[..]),
+            (&general.w[..], &general.s1[..], &general.s2[..])
         );
         // 3 repeats in 16 (3, 5, 7): merged, with their counts
         (x[0], x[15]) = (5.0, 7.0);
