@@ -26,7 +26,6 @@ pub mod isa;
 pub mod kmeans;
 pub mod linear;
 pub mod pack;
-mod pages;
 pub mod rng;
 
 pub use code::{Code, CodeKind};

@@ -20,7 +20,6 @@
 //! caller runs the layered dynamic program instead.
 
 use super::{Prefix, INV_PAD};
-use crate::pages::Zeroed;
 
 /// Penalized passes at most before [`partition`] gives up (the searches of the comparison's
 /// samples took 1-6 per level).
@@ -29,12 +28,12 @@ const MAX_PASSES: usize = 60;
 /// The arrays of the penalized passes, allocated once for all of them.
 struct Pass {
     /// `f[i]`: the penalized cost of the best partition of the first `i` positions.
-    f: Zeroed<f64>,
+    f: Vec<f64>,
     /// `arg[i]`: where that partition's last cluster starts.
-    arg: Zeroed<u32>,
+    arg: Vec<u32>,
     /// The candidate queue: candidate `queue[t]` is the best for rows from `start[t]` on.
-    queue: Zeroed<u32>,
-    start: Zeroed<u32>,
+    queue: Vec<u32>,
+    start: Vec<u32>,
     /// The clusters and SSE of the last pass.
     last: (usize, f64),
 }
@@ -42,10 +41,10 @@ struct Pass {
 impl Pass {
     fn new(m: usize) -> Pass {
         Pass {
-            f: Zeroed::new(m + 1),
-            arg: Zeroed::new(m + 1),
-            queue: Zeroed::new(m + 1),
-            start: Zeroed::new(m + 1),
+            f: vec![0.0; m + 1],
+            arg: vec![0; m + 1],
+            queue: vec![0; m + 1],
+            start: vec![0; m + 1],
             last: (0, 0.0),
         }
     }
@@ -53,15 +52,20 @@ impl Pass {
     /// One pass at penalty `lambda`: the number of clusters of the partition found and its
     /// SSE (summed over its clusters).
     fn run(&mut self, p: &Prefix, m: usize, lambda: f64) -> (usize, f64) {
-        let (w, s1, s2) = (&p.w[..], &p.s1[..], &p.s2[..]);
-        match p.inv.as_deref() {
-            Some(inv) => self.run_with(m, lambda, |i, j| {
+        let (s1, s2) = (&p.s1[..], &p.s2[..]);
+        match (p.inv.as_deref(), p.w.as_deref()) {
+            (Some(inv), _) => self.run_with(m, lambda, |i, j| {
                 let s = s1[j] - s1[i];
                 ((s2[j] - s2[i]) - s * s * inv[INV_PAD + j - i]).max(0.0)
             }),
-            None => self.run_with(m, lambda, |i, j| {
+            (None, Some(w)) => self.run_with(m, lambda, |i, j| {
                 let s = s1[j] - s1[i];
                 ((s2[j] - s2[i]) - s * s * (1.0 / (w[j] - w[i]))).max(0.0)
+            }),
+            // (unit weights come with their reciprocals; this is their quotient)
+            (None, None) => self.run_with(m, lambda, |i, j| {
+                let s = s1[j] - s1[i];
+                ((s2[j] - s2[i]) - s * s * (1.0 / (j - i) as f64)).max(0.0)
             }),
         }
     }
@@ -204,15 +208,20 @@ fn coarse_penalty(p: &Prefix, m: usize, k: usize) -> Option<f64> {
         return None;
     }
     // coarse position c is position c COARSE; the last one is m
-    let pick = |v: &[f64]| -> Zeroed<f64> {
-        let mut out = Zeroed::new(mc + 1);
+    let pick = |v: &[f64]| -> Vec<f64> {
+        let mut out = vec![0.0; mc + 1];
         for (c, o) in out.iter_mut().enumerate() {
             *o = v[if c == mc { m } else { c * COARSE }];
         }
         out
     };
     let coarse = Prefix {
-        w: pick(&p.w),
+        w: Some(match &p.w {
+            Some(w) => pick(w),
+            None => (0..=mc)
+                .map(|c| if c == mc { m } else { c * COARSE } as f64)
+                .collect(),
+        }),
         s1: pick(&p.s1),
         s2: pick(&p.s2),
         inv: None,

@@ -45,7 +45,6 @@ mod x86_avx512;
 use crate::error::{check_len, KernelError};
 use crate::isa::Kernels;
 use crate::linear::{dispatch, ChannelLayout};
-use crate::pages::Zeroed;
 
 /// Largest codebook: indices are stored in `u8`.
 pub const MAX_CLUSTERS: usize = 256;
@@ -150,7 +149,7 @@ pub struct KMeansFit {
 /// The finite values of `x` in ascending order (-0.0 before 0.0), the order of
 /// `f32::total_cmp`: a least-significant-digit radix sort of their order-preserving bit
 /// patterns, three passes of 11 bits (several times faster than a comparison sort here).
-fn sorted_finite(x: &[f32]) -> Zeroed<f32> {
+fn sorted_finite(x: &[f32]) -> Vec<f32> {
     // negative values: all bits flipped; others: the sign bit set (branch-free: the signs
     // of a sample are not predictable)
     let key = |v: f32| {
@@ -158,7 +157,7 @@ fn sorted_finite(x: &[f32]) -> Zeroed<f32> {
         b ^ (((b as i32 >> 31) as u32) | 0x8000_0000)
     };
     let n = x.iter().filter(|v| v.is_finite()).count();
-    let mut a = Zeroed::<u32>::new(n);
+    let mut a = vec![0u32; n];
     // the three passes' digit counts, in the same read as the keys
     let mut counts = [[0usize; 1 << 11]; 3];
     let mut put = |k: &mut u32, v: f32| {
@@ -173,8 +172,7 @@ fn sorted_finite(x: &[f32]) -> Zeroed<f32> {
         let finite = x.iter().filter(|v| v.is_finite());
         a.iter_mut().zip(finite).for_each(|(k, &v)| put(k, v));
     }
-    let mut b = Zeroed::<u32>::new(n);
-    let mut sorted = Zeroed::<f32>::new(n);
+    let mut b = vec![0u32; n];
     /// A counting-sort pass on the 11 bits of the keys `src` from `shift` with the digit
     /// counts `count`: `put(slot, key)`.
     fn pass(src: &[u32], shift: u32, count: &[usize; 1 << 11], mut put: impl FnMut(usize, u32)) {
@@ -191,11 +189,11 @@ fn sorted_finite(x: &[f32]) -> Zeroed<f32> {
     }
     pass(&a, 0, &counts[0], |i, k| b[i] = k);
     pass(&b, 11, &counts[1], |i, k| a[i] = k);
-    // the last pass writes the values themselves (the key's inverse)
+    // the last pass writes the values' bits (the key's inverse), read back in place
     pass(&a, 22, &counts[2], |i, k| {
-        sorted[i] = f32::from_bits(k ^ ((!((k as i32) >> 31) as u32) | 0x8000_0000))
+        b[i] = k ^ ((!((k as i32) >> 31) as u32) | 0x8000_0000)
     });
-    sorted
+    b.into_iter().map(f32::from_bits).collect()
 }
 
 /// The finite values of `x` sorted, as the positions of the dynamic program with their
@@ -237,7 +235,7 @@ fn sorted_positions(x: &[f32]) -> Positions {
 /// The positions of the dynamic program ([`sorted_positions`]).
 struct Positions {
     /// The finite values, sorted: the positions, each of weight 1, unless `merged`.
-    sorted: Zeroed<f32>,
+    sorted: Vec<f32>,
     /// The distinct values and their counts, when equal values are merged.
     merged: Option<(Vec<f64>, Vec<f64>)>,
     /// Distinct finite values.
@@ -280,8 +278,8 @@ impl Positions {
 pub(crate) const INV_PAD: usize = 8;
 
 /// The reciprocal table of [`Layer::inv`] for positions of unit weight, `m` positions.
-fn reciprocals(m: usize) -> Zeroed<f64> {
-    let mut inv = Zeroed::new(INV_PAD + m + 2 * INV_PAD + 1);
+fn reciprocals(m: usize) -> Vec<f64> {
+    let mut inv = vec![0.0; INV_PAD + m + 2 * INV_PAD + 1];
     for (c, r) in inv.iter_mut().enumerate().skip(INV_PAD + 1) {
         *r = 1.0 / (c - INV_PAD) as f64;
     }
@@ -291,11 +289,12 @@ fn reciprocals(m: usize) -> Zeroed<f64> {
 /// Prefix sums of weights, weighted values and weighted squares, of values shifted by their
 /// weighted mean (smaller magnitudes, less cancellation in the cost formula).
 struct Prefix {
-    w: Zeroed<f64>,
-    s1: Zeroed<f64>,
-    s2: Zeroed<f64>,
+    /// `None` for unit weights: then `w[i] = i` ([`Prefix::weights`]), not stored.
+    w: Option<Vec<f64>>,
+    s1: Vec<f64>,
+    s2: Vec<f64>,
     /// [`reciprocals`] when every weight is 1 (then `w[j] - w[i] = j - i` exactly).
-    inv: Option<Zeroed<f64>>,
+    inv: Option<Vec<f64>>,
 }
 
 impl Prefix {
@@ -303,7 +302,7 @@ impl Prefix {
         let total: f64 = weights.iter().sum();
         let mean = values.iter().zip(weights).map(|(v, w)| v * w).sum::<f64>() / total;
         let m = values.len();
-        let (mut w, mut s1, mut s2) = (Zeroed::new(m + 1), Zeroed::new(m + 1), Zeroed::new(m + 1));
+        let (mut w, mut s1, mut s2) = (vec![0.0; m + 1], vec![0.0; m + 1], vec![0.0; m + 1]);
         // running sums in registers (through the arrays, each step waited on a store)
         let (mut tw, mut t1, mut t2) = (0.0, 0.0, 0.0);
         for i in 0..m {
@@ -314,24 +313,28 @@ impl Prefix {
             (w[i + 1], s1[i + 1], s2[i + 1]) = (tw, t1, t2);
         }
         let inv = weights.iter().all(|&w| w == 1.0).then(|| reciprocals(m));
-        Prefix { w, s1, s2, inv }
+        Prefix {
+            w: Some(w),
+            s1,
+            s2,
+            inv,
+        }
     }
 
     /// [`Prefix::new`] for the values `sorted`, each of weight 1, without the f64 copies.
     fn unit(sorted: &[f32]) -> Prefix {
         let m = sorted.len();
         let mean = sorted.iter().map(|&v| v as f64).sum::<f64>() / m as f64;
-        let (mut w, mut s1, mut s2) = (Zeroed::new(m + 1), Zeroed::new(m + 1), Zeroed::new(m + 1));
-        let (mut tw, mut t1, mut t2) = (0.0, 0.0, 0.0);
+        let (mut s1, mut s2) = (vec![0.0; m + 1], vec![0.0; m + 1]);
+        let (mut t1, mut t2) = (0.0, 0.0);
         for i in 0..m {
             let d = sorted[i] as f64 - mean;
-            tw += 1.0;
             t1 += d;
             t2 += d * d;
-            (w[i + 1], s1[i + 1], s2[i + 1]) = (tw, t1, t2);
+            (s1[i + 1], s2[i + 1]) = (t1, t2);
         }
         Prefix {
-            w,
+            w: None,
             s1,
             s2,
             inv: Some(reciprocals(m)),
@@ -342,7 +345,7 @@ impl Prefix {
     /// common reference (the cost formula does not depend on it).
     fn from_bins(bins: &[[f64; 3]]) -> Prefix {
         let m = bins.len();
-        let (mut w, mut s1, mut s2) = (Zeroed::new(m + 1), Zeroed::new(m + 1), Zeroed::new(m + 1));
+        let (mut w, mut s1, mut s2) = (vec![0.0; m + 1], vec![0.0; m + 1], vec![0.0; m + 1]);
         let (mut tw, mut t1, mut t2) = (0.0, 0.0, 0.0);
         for (i, b) in bins.iter().enumerate() {
             tw += b[0];
@@ -351,17 +354,29 @@ impl Prefix {
             (w[i + 1], s1[i + 1], s2[i + 1]) = (tw, t1, t2);
         }
         Prefix {
-            w,
+            w: Some(w),
             s1,
             s2,
             inv: None,
         }
     }
 
+    /// The prefix sums of the weights, `w[i]` for `i` in `0..=m` (built for unit weights,
+    /// which are not stored: the layered program's scans read them).
+    fn weights(&self) -> std::borrow::Cow<'_, [f64]> {
+        match &self.w {
+            Some(w) => std::borrow::Cow::Borrowed(w),
+            None => (0..self.s1.len()).map(|i| i as f64).collect(),
+        }
+    }
+
     /// SSE of the cluster made of positions `i..j` (0-based, `i < j`).
     #[inline]
     fn cost(&self, i: usize, j: usize) -> f64 {
-        let w = self.w[j] - self.w[i];
+        let w = match &self.w {
+            Some(w) => w[j] - w[i],
+            None => (j - i) as f64,
+        };
         let s = self.s1[j] - self.s1[i];
         ((self.s2[j] - self.s2[i]) - s * s / w).max(0.0)
     }
@@ -588,6 +603,7 @@ fn dp_layers(kernels: &Kernels, p: &Prefix, m: usize, k: usize, keep: bool) -> (
     let mut cur = vec![f64::INFINITY; stride];
     // slot 0: the first layer's argmins (one cluster: every row splits at 0)
     let mut args = vec![0u32; stride * if keep { k } else { 3 }];
+    let w = p.weights();
     for c in 2..=k {
         // rows below c are not part of this layer (and never read as candidates)
         cur[..c].fill(f64::INFINITY);
@@ -610,7 +626,7 @@ fn dp_layers(kernels: &Kernels, p: &Prefix, m: usize, k: usize, keep: bool) -> (
             prev: &prev,
             lower,
             inv: p.inv.as_deref(),
-            w: &p.w,
+            w: &w,
             s1: &p.s1,
             s2: &p.s2,
             lo: c,
@@ -909,10 +925,11 @@ impl Kernels {
         let kk = k.min(m);
         let p = Prefix::from_bins(&bins.sums);
         let starts = optimal_partition(self, &p, m, kk)?;
+        let weights = p.weights();
         let mut centroids: Vec<f32> = (0..kk)
             .map(|c| {
                 let (i, j) = (starts[c], if c + 1 < kk { starts[c + 1] } else { m });
-                let (w, s) = (p.w[j] - p.w[i], p.s1[j] - p.s1[i]);
+                let (w, s) = (weights[j] - weights[i], p.s1[j] - p.s1[i]);
                 (reference + s / w) as f32
             })
             .collect();
@@ -1169,8 +1186,8 @@ mod tests {
         let values: Vec<f64> = (0..16).map(|t| pos.value(t)).collect();
         let general = Prefix::new(&values, &[1.0; 16]);
         assert_eq!(
-            (&unit.w[..], &unit.s1[..], &unit.s2[..]),
-            (&general.w[..], &general.s1[..], &general.s2[..])
+            (&unit.weights()[..], &unit.s1[..], &unit.s2[..]),
+            (&general.weights()[..], &general.s1[..], &general.s2[..])
         );
         // 3 repeats in 16 (3, 5, 7): merged, with their counts
         (x[0], x[15]) = (5.0, 7.0);
