@@ -79,6 +79,14 @@ pub(crate) unsafe fn dp_layer(l: &Layer, cur: &mut [f64], arg: &mut [u32]) {
     layer_by_rows(l, cur, arg, |j, a, b| scalar::dp_row(l, j, a, b));
 }
 
+/// [`scalar::dp_row`] for one row (the scalar scan, as in [`dp_layer`]).
+///
+/// # Safety
+/// None beyond the dispatch's CPU check.
+pub(crate) unsafe fn dp_min(l: &Layer, j: usize, first: usize, last: usize) -> (f64, usize) {
+    scalar::dp_row(l, j, first, last)
+}
+
 /// [`scalar::keep_values`] (the pass is rare-branch bound; no vector form on this ISA).
 ///
 /// # Safety

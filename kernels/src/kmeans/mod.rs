@@ -428,7 +428,7 @@ pub(crate) fn layer_with(
         let (first, last) = bounds(l, arg, rows, t.checked_sub(s), t + s);
         let j = lo + t;
         let last = last.min(j - 1);
-        let (best, at) = row(j, first.max(l.lower[j] as usize).min(last), last);
+        let (best, at) = row(j, first.max(lower_bound(l, j)).min(last), last);
         cur[j] = best;
         arg[j] = at as u32;
     };
@@ -436,7 +436,7 @@ pub(crate) fn layer_with(
     let mut solve_block = |t0: usize, cur: &mut [f64], arg: &mut [u32]| {
         let count = (BLOCK - 1).min(rows - t0);
         let (first, last) = bounds(l, arg, rows, t0.checked_sub(1), t0 + BLOCK - 1);
-        let first = first.max(l.lower[lo + t0] as usize).min(last);
+        let first = first.max(lower_bound(l, lo + t0)).min(last);
         block(lo + t0, count, first, last, cur, arg);
     };
     let mut level = |s: usize, from: usize, to: usize, cur: &mut [f64], arg: &mut [u32]| {
@@ -470,6 +470,12 @@ pub(crate) fn layer_with(
             }
         }
     }
+}
+
+/// Row `j`'s argmin bound from [`Layer::lower`] (0 without one).
+#[inline(always)]
+fn lower_bound(l: &Layer, j: usize) -> usize {
+    l.lower.get(j).map_or(0, |&a| a as usize)
 }
 
 /// [`layer_with`] with its blocks solved row by row by `row` ([`rows_of_block`]): the
@@ -532,12 +538,15 @@ pub(crate) struct Layer<'a> {
     pub prev: &'a [f64],
     /// The previous layer's argmins: with one cluster fewer, the last cluster of the first
     /// `j` values starts no later (Knuth), so `lower[j]` bounds row `j`'s argmin from below.
+    /// Empty: no such bound (the penalized passes of `lagrange`).
     pub lower: &'a [u32],
     /// With unit weights, the reciprocal counts `inv[INV_PAD + c] = 1 / c` (`c >= 1`), so a
     /// SIMD scan loads the `1 / (w[j] - w[i])` of the cost instead of dividing: the same
     /// value, bit for bit. `None` for other weights.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub inv: Option<&'a [f64]>,
+    /// The prefix sums of the weights; may be empty with unit weights on the ISAs whose
+    /// scans read [`Layer::inv`] instead ([`layer_weights`]).
     pub w: &'a [f64],
     pub s1: &'a [f64],
     pub s2: &'a [f64],
@@ -563,7 +572,7 @@ fn optimal_partition(
     k: usize,
 ) -> Result<Vec<usize>, KernelError> {
     if m >= LAGRANGE_MIN_POSITIONS {
-        if let Some((starts, _)) = lagrange::partition(p, m, k) {
+        if let Some((starts, _)) = lagrange::partition(kernels, p, m, k) {
             return Ok(starts);
         }
     }
@@ -589,6 +598,34 @@ fn optimal_partition(
     Ok(starts)
 }
 
+/// The weights [`Layer::w`] for scans of `p` on `kernels`' ISA: none for unit weights on
+/// AVX-512, whose scans read the reciprocal table ([`Layer::inv`]) instead, else
+/// [`Prefix::weights`].
+fn layer_weights<'p>(kernels: &Kernels, p: &'p Prefix) -> std::borrow::Cow<'p, [f64]> {
+    if p.w.is_none() && p.inv.is_some() && kernels.isa() == crate::isa::Isa::Avx512 {
+        std::borrow::Cow::Borrowed(&[])
+    } else {
+        p.weights()
+    }
+}
+
+/// Rows `layer.lo..=layer.hi` of `layer` on `kernels`' ISA ([`layer_with`]).
+fn layer_on(kernels: &Kernels, layer: &Layer, cur: &mut [f64], arg: &mut [u32]) {
+    dispatch!(kernels, dp_layer(layer, cur, arg))
+}
+
+/// Row `j`'s minimum over the candidates `first..=last` of `layer` (`last < j`) and its
+/// leftmost argmin ([`scalar::dp_row`]), on `kernels`' ISA.
+fn row_min_on(
+    kernels: &Kernels,
+    layer: &Layer,
+    j: usize,
+    first: usize,
+    last: usize,
+) -> (f64, usize) {
+    dispatch!(kernels, dp_min(layer, j, first, last))
+}
+
 /// Layers 2..=k of the dynamic program over `p` (m positions): the minimum cost of all
 /// m values in k clusters and, with `keep`, every layer's argmins (the traceback, flat:
 /// layer `c`'s `m + 1` entries from `(c - 1) (m + 1)`, after the first layer's zeros);
@@ -603,7 +640,7 @@ fn dp_layers(kernels: &Kernels, p: &Prefix, m: usize, k: usize, keep: bool) -> (
     let mut cur = vec![f64::INFINITY; stride];
     // slot 0: the first layer's argmins (one cluster: every row splits at 0)
     let mut args = vec![0u32; stride * if keep { k } else { 3 }];
-    let w = p.weights();
+    let w = layer_weights(kernels, p);
     for c in 2..=k {
         // rows below c are not part of this layer (and never read as candidates)
         cur[..c].fill(f64::INFINITY);
@@ -634,7 +671,7 @@ fn dp_layers(kernels: &Kernels, p: &Prefix, m: usize, k: usize, keep: bool) -> (
             opt_lo: c - 1,
             opt_hi: m - 1,
         };
-        dispatch!(kernels, dp_layer(&layer, &mut cur, arg));
+        layer_on(kernels, &layer, &mut cur, arg);
         std::mem::swap(&mut prev, &mut cur);
     }
     (prev[m], if keep { args } else { Vec::new() })
@@ -668,7 +705,7 @@ impl Kernels {
         let p = pos.prefix();
         let k = k.min(pos.distinct);
         if m >= LAGRANGE_MIN_POSITIONS {
-            if let Some((_, sse)) = lagrange::partition(&p, m, k) {
+            if let Some((_, sse)) = lagrange::partition(self, &p, m, k) {
                 return Ok(sse);
             }
         }

@@ -50,6 +50,11 @@ pub(crate) fn dp_row(r: &Layer, j: usize, first: usize, last: usize) -> (f64, us
     (best, at)
 }
 
+/// [`dp_row`] under the name the dispatch uses for one row's scan.
+pub(crate) fn dp_min(l: &Layer, j: usize, first: usize, last: usize) -> (f64, usize) {
+    dp_row(l, j, first, last)
+}
+
 /// One layer of the dynamic program (see `layer_with`) with [`dp_row`] scans.
 pub(crate) fn dp_layer(l: &Layer, cur: &mut [f64], arg: &mut [u32]) {
     layer_by_rows(l, cur, arg, |j, a, b| dp_row(l, j, a, b));

@@ -171,6 +171,15 @@ pub(crate) unsafe fn dp_layer(l: &Layer, cur: &mut [f64], arg: &mut [u32]) {
     layer_by_rows(l, cur, arg, |j, a, b| dp_row(l, j, a, b));
 }
 
+/// [`super::scalar::dp_row`] for one row with the 4-lane scan.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `first <= last < min(j, l.prev.len())`.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn dp_min(l: &Layer, j: usize, first: usize, last: usize) -> (f64, usize) {
+    dp_row(l, j, first, last)
+}
+
 /// [`scalar::keep_values`] (the pass is rare-branch bound; no vector form on this ISA).
 ///
 /// # Safety

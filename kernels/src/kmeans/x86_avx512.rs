@@ -98,8 +98,13 @@ pub unsafe fn decode(idx: &[u8], cb: &Codebook, out: &mut [f32]) {
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn dp_row<const UNIT: bool>(r: &Layer, j: usize, first: usize, last: usize) -> (f64, usize) {
+    // with UNIT weights `r.w` is not read (it may be empty)
     let (wj, s1j, s2j) = (
-        _mm512_set1_pd(r.w[j]),
+        if UNIT {
+            _mm512_setzero_pd()
+        } else {
+            _mm512_set1_pd(r.w[j])
+        },
         _mm512_set1_pd(r.s1[j]),
         _mm512_set1_pd(r.s2[j]),
     );
@@ -185,6 +190,19 @@ pub(crate) unsafe fn dp_layer(l: &Layer, cur: &mut [f64], arg: &mut [u32]) {
     }
 }
 
+/// [`super::scalar::dp_row`] for one row `j` over `first..=last` with the 8-lane scan.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL; `first <= last < min(j, l.prev.len())`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn dp_min(l: &Layer, j: usize, first: usize, last: usize) -> (f64, usize) {
+    if l.inv.is_some() {
+        dp_row::<true>(l, j, first, last)
+    } else {
+        dp_row::<false>(l, j, first, last)
+    }
+}
+
 /// [`super::rows_of_block`] with one row per lane: rows `j0..j0 + count` (`count < 8`) take
 /// the candidates `first..=last` in order, each broadcast to every lane; a lane skips the
 /// candidates past its row's `j - 1` and keeps its smallest value and the first candidate
@@ -204,8 +222,13 @@ unsafe fn dp_block<const UNIT: bool>(
     debug_assert!(count < 8 && j0 + count <= cur.len() && j0 + count <= arg.len());
     debug_assert!(first < j0 && last < r.prev.len() && last < j0 + count);
     let rows = ((1u32 << count) - 1) as __mmask8;
+    // with UNIT weights `r.w` is not read (it may be empty)
     let (wj, s1j, s2j) = (
-        _mm512_maskz_loadu_pd(rows, r.w.as_ptr().add(j0)),
+        if UNIT {
+            _mm512_setzero_pd()
+        } else {
+            _mm512_maskz_loadu_pd(rows, r.w.as_ptr().add(j0))
+        },
         _mm512_maskz_loadu_pd(rows, r.s1.as_ptr().add(j0)),
         _mm512_maskz_loadu_pd(rows, r.s2.as_ptr().add(j0)),
     );
