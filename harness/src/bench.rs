@@ -51,8 +51,32 @@ fn median_seconds(reps: usize, mut f: impl FnMut()) -> f64 {
     t[t.len() / 2]
 }
 
+/// The medians of `f` and `g` timed in alternation, `reps` calls each (after 3 of each
+/// untimed): both see the same state of the machine, so their ratio does not carry the drift
+/// between two separate runs.
+fn median_seconds_pair(reps: usize, mut f: impl FnMut(), mut g: impl FnMut()) -> (f64, f64) {
+    for _ in 0..3 {
+        f();
+        g();
+    }
+    let (mut tf, mut tg) = (Vec::new(), Vec::new());
+    for _ in 0..reps.max(1) {
+        let s = Instant::now();
+        f();
+        tf.push(s.elapsed().as_secs_f64());
+        let s = Instant::now();
+        g();
+        tg.push(s.elapsed().as_secs_f64());
+    }
+    tf.sort_by(f64::total_cmp);
+    tg.sort_by(f64::total_cmp);
+    (tf[tf.len() / 2], tg[tg.len() / 2])
+}
+
 /// Times `kernel` on `x` (f32 -> i8 codes with the given parameters) and returns one JSON
-/// record `{kernel, n, threads, isa, seconds, gbps}`. With `expected_codes` (a peer's int8
+/// record `{kernel, n, threads, isa, seconds, gbps}`. A per-channel kernel's calls alternate
+/// with its per-tensor counterpart's on the same data, and the record adds
+/// `per_tensor_seconds`, `per_tensor_gbps` and `ratio` (per-channel / per-tensor GB/s). With `expected_codes` (a peer's int8
 /// output for the same data), a quantize kernel's codes are compared and the record gets
 /// `code_mismatches`.
 #[allow(clippy::too_many_arguments)]
@@ -83,19 +107,42 @@ pub fn time_kernel(
     } else {
         (None, Vec::new())
     };
+    let mut per_tensor_seconds = None;
     let seconds = match kernel {
         "quantize" => median_seconds(reps, || k.quantize(x, &p, &mut q).unwrap()),
         "dequantize" => median_seconds(reps, || k.dequantize(&q, &p, &mut out).unwrap()),
         "copy" => median_seconds(reps, || out.copy_from_slice(std::hint::black_box(x))),
         "quantize_per_channel" => {
             let l = layout.unwrap();
-            median_seconds(reps, || k.quantize_per_channel(x, &l, &cp, &mut q).unwrap())
+            // both write the same output (separate ones would evict each other from the
+            // cache at the sizes that fit), then the per-channel codes once more for the check
+            let q = std::cell::RefCell::new(&mut q);
+            let (pc, pt) = median_seconds_pair(
+                reps,
+                || {
+                    k.quantize_per_channel(x, &l, &cp, &mut q.borrow_mut())
+                        .unwrap()
+                },
+                || k.quantize(x, &p, &mut q.borrow_mut()).unwrap(),
+            );
+            let q = q.into_inner();
+            k.quantize_per_channel(x, &l, &cp, q).unwrap();
+            per_tensor_seconds = Some(pt);
+            pc
         }
         "dequantize_per_channel" => {
             let l = layout.unwrap();
-            median_seconds(reps, || {
-                k.dequantize_per_channel(&q, &l, &cp, &mut out).unwrap()
-            })
+            let out = std::cell::RefCell::new(&mut out);
+            let (pc, pt) = median_seconds_pair(
+                reps,
+                || {
+                    k.dequantize_per_channel(&q, &l, &cp, &mut out.borrow_mut())
+                        .unwrap()
+                },
+                || k.dequantize(&q, &p, &mut out.borrow_mut()).unwrap(),
+            );
+            per_tensor_seconds = Some(pt);
+            pc
         }
         other => {
             return Err(format!(
@@ -112,6 +159,11 @@ pub fn time_kernel(
         "seconds": seconds,
         "gbps": 4.0 * n as f64 / seconds / 1e9,
     });
+    if let Some(pt) = per_tensor_seconds {
+        rec["per_tensor_seconds"] = json!(pt);
+        rec["per_tensor_gbps"] = json!(4.0 * n as f64 / pt / 1e9);
+        rec["ratio"] = json!(pt / seconds);
+    }
     if let (Some(expected), true) = (expected_codes, kernel.starts_with("quantize")) {
         if expected.len() != n {
             return Err(format!(
@@ -190,4 +242,39 @@ pub fn time_gemm(
         "peak_gops": peak_gops,
         "pct_of_peak": peak_gops.map(|p| 100.0 * gops / (p * threads as f64)),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A per-channel record carries its per-tensor counterpart timed in the same process,
+    /// the ratio of the two, and codes equal to the per-channel kernel's (not the per-tensor
+    /// calls' that alternate with it).
+    #[test]
+    fn per_channel_records_carry_the_interleaved_per_tensor_timing() {
+        let k = Kernels::active();
+        let x: Vec<f32> = (0..4096).map(|i| (i % 97) as f32 / 10.0 - 4.8).collect();
+        let cp = channel_params(0.05, -3, 4).unwrap();
+        let layout = ChannelLayout::new(&[4, 1024], 0).unwrap();
+        let mut want = vec![0i8; 4096];
+        k.quantize_per_channel(&x, &layout, &cp, &mut want).unwrap();
+        let want: Vec<u8> = want.iter().map(|&v| v as u8).collect();
+        let rec = time_kernel(&k, "quantize_per_channel", &x, 0.05, -3, 4, 5, Some(&want)).unwrap();
+        assert_eq!(rec["code_mismatches"], 0);
+        let (pc, pt) = (
+            rec["seconds"].as_f64().unwrap(),
+            rec["per_tensor_seconds"].as_f64().unwrap(),
+        );
+        assert!(pc > 0.0 && pt > 0.0);
+        assert_eq!(rec["ratio"].as_f64().unwrap(), pt / pc);
+        assert_eq!(
+            rec["per_tensor_gbps"].as_f64().unwrap(),
+            4.0 * 4096.0 / pt / 1e9
+        );
+        let rec = time_kernel(&k, "dequantize_per_channel", &x, 0.05, -3, 4, 5, None).unwrap();
+        assert!(rec["per_tensor_seconds"].as_f64().unwrap() > 0.0);
+        let rec = time_kernel(&k, "quantize", &x, 0.05, -3, 4, 5, None).unwrap();
+        assert!(rec.get("per_tensor_seconds").is_none() && rec.get("ratio").is_none());
+    }
 }

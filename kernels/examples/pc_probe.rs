@@ -6,7 +6,9 @@ use quantbench_kernels::linear::{ChannelLayout, QuantParams};
 use quantbench_kernels::Kernels;
 use std::time::Instant;
 fn main() {
-    let n = 262144usize;
+    let n: usize = std::env::args()
+        .nth(1)
+        .map_or(262144, |a| a.parse().expect("N: a count"));
     let ch = 64usize;
     let x: Vec<f32> = (0..n)
         .map(|i| ((i * 2654435761usize) % 10007) as f32 / 1000.0 - 5.0)
@@ -20,7 +22,7 @@ fn main() {
     let mut out = vec![0i8; n];
     for round in 0..3 {
         let mut ts = [Vec::new(), Vec::new()];
-        for _ in 0..2000 {
+        for _ in 0..(2000 * 262_144 / n).max(20) {
             let t = Instant::now();
             k.quantize(&x, &p, &mut out).unwrap();
             ts[0].push(t.elapsed().as_secs_f64());
