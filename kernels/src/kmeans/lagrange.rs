@@ -30,8 +30,10 @@ const MAX_PASSES: usize = 60;
 const FIRST_BLOCK: usize = 16;
 
 /// The arrays of the penalized passes, allocated once for all of them.
-struct Pass<'k> {
-    kernels: &'k Kernels,
+struct Pass<'a> {
+    kernels: &'a Kernels,
+    /// The weights the scans read ([`layer_weights`]: built once, for every pass).
+    w: std::borrow::Cow<'a, [f64]>,
     /// `f[i]`: the penalized cost of the best partition of the first `i` positions.
     f: Vec<f64>,
     /// `arg[i]`: where that partition's last cluster starts.
@@ -42,10 +44,12 @@ struct Pass<'k> {
     last: (usize, f64),
 }
 
-impl<'k> Pass<'k> {
-    fn new(kernels: &'k Kernels, m: usize) -> Pass<'k> {
+impl<'a> Pass<'a> {
+    /// The arrays for passes over the `m` positions of `p` on `kernels`' ISA.
+    fn new(kernels: &'a Kernels, p: &'a Prefix, m: usize) -> Pass<'a> {
         Pass {
             kernels,
+            w: layer_weights(kernels, p),
             f: vec![0.0; m + 1],
             arg: vec![0; m + 1],
             g: vec![0.0; m + 1],
@@ -73,7 +77,7 @@ impl<'k> Pass<'k> {
     /// gallop and binary search per candidate) took 10-12 ms: the scans are branch-free
     /// and vectorised, the queue's searches were branch-bound.
     fn run(&mut self, p: &Prefix, m: usize, lambda: f64) -> (usize, f64) {
-        let w = layer_weights(self.kernels, p);
+        let w = &self.w[..];
         let (f, arg, g) = (&mut self.f[..], &mut self.arg[..], &mut self.g[..]);
         f[0] = 0.0;
         arg[0] = 0;
@@ -82,18 +86,18 @@ impl<'k> Pass<'k> {
         while b <= m {
             let last = (b + rows - 1).min(m);
             // the last row first: the argmin that bounds every other row's from above
-            let below = layer(p, &w, &f[..b], (b, last), (opt, b - 1));
+            let below = layer(p, w, &f[..b], (b, last), (opt, b - 1));
             let (gl, al) = row_min_on(self.kernels, &below, last, opt, b - 1);
             (g[last], arg[last]) = (gl, al as u32);
             if last > b {
-                let rest = layer(p, &w, &f[..b], (b, last - 1), (opt, al));
+                let rest = layer(p, w, &f[..b], (b, last - 1), (opt, al));
                 layer_on(self.kernels, &rest, g, arg);
             }
             for r in b..=last {
                 f[r] = g[r] + lambda;
             }
             if last > b {
-                let check = layer(p, &w, f, (last, last), (b, last - 1));
+                let check = layer(p, w, f, (last, last), (b, last - 1));
                 let (inside, _) = row_min_on(self.kernels, &check, last, b, last - 1);
                 if inside < g[last] {
                     rows = (rows / 2).max(1);
@@ -167,7 +171,7 @@ pub(super) fn partition(
     if total.is_nan() || total <= 0.0 || k < 2 || k > m {
         return None;
     }
-    let mut pass = Pass::new(kernels, m);
+    let mut pass = Pass::new(kernels, p, m);
     search(p, m, k, penalty_guess(kernels, p, m, k), &mut pass)?;
     Some((pass.starts(m), pass.last.1))
 }
@@ -214,7 +218,7 @@ fn coarse_penalty(kernels: &Kernels, p: &Prefix, m: usize, k: usize) -> Option<f
         mc,
         k,
         penalty_guess(kernels, &coarse, mc, k),
-        &mut Pass::new(kernels, mc),
+        &mut Pass::new(kernels, &coarse, mc),
     )
 }
 
@@ -399,7 +403,7 @@ mod tests {
         {
             let x = sample(kind, 2_500, 7 + kind as u64);
             let (p, m) = prefix(&x);
-            let mut pass = Pass::new(&kernels, m);
+            let mut pass = Pass::new(&kernels, &p, m);
             let total = p.cost(0, m);
             for lambda in [total / 4.0, total / 1e3, total / 1e5, total / 1e7] {
                 pass.run(&p, m, lambda);
