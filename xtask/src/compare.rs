@@ -28,7 +28,8 @@ const SCALE: f32 = 8.0 / 255.0;
 const ZERO_POINT: i32 = -3;
 const CHANNELS: usize = 64;
 const SEED: u64 = 20_261_126;
-/// Alternating measurement rounds per kernel and size; the table shows each side's median.
+/// Alternating measurement rounds per kernel and size (`--rounds` changes it); the table
+/// shows each side's median.
 const ROUNDS: usize = 3;
 
 /// Seeded N(0, 1.5^2) data (SplitMix64 + Box-Muller).
@@ -57,6 +58,8 @@ pub fn main(args: &[String]) -> Result<(), String> {
         }
     }
     let mut sizes = DEFAULT_SIZES.to_vec();
+    let mut rounds = ROUNDS;
+    let mut kernels: Vec<&str> = KERNELS.to_vec();
     let root = root();
     let mut out_dir = root.join("results/compare");
     let mut it = args[1..].iter();
@@ -78,6 +81,29 @@ pub fn main(args: &[String]) -> Result<(), String> {
                     ));
                 }
             }
+            "--rounds" => {
+                let v = it.next().ok_or("--rounds needs a value")?;
+                rounds = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|&r| r >= 1)
+                    .ok_or_else(|| format!("--rounds: '{v}' is not a count >= 1"))?;
+            }
+            "--kernels" => {
+                let v = it.next().ok_or("--kernels needs a value")?;
+                kernels = v
+                    .split(',')
+                    .map(|k| {
+                        KERNELS
+                            .iter()
+                            .copied()
+                            .find(|&x| x == k.trim())
+                            .ok_or_else(|| {
+                                format!("--kernels: '{k}' is not one of {}", KERNELS.join(", "))
+                            })
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
             "--out" => out_dir = PathBuf::from(it.next().ok_or("--out needs a value")?),
             other => return Err(format!("unknown option {other}")),
         }
@@ -98,7 +124,7 @@ pub fn main(args: &[String]) -> Result<(), String> {
         let npy = work.join(format!("x_{n}.npy"));
         quantbench::npy::write_f32(&npy, &[n], &data(n))?;
         let reps = (200_000_000 / n).clamp(5, 300).to_string();
-        for kernel in KERNELS {
+        for &kernel in &kernels {
             eprintln!("[compare] {kernel} n={n}");
             if kernel == "quantize" {
                 // the memory-bandwidth reference: copying the same f32 array
@@ -127,14 +153,14 @@ pub fn main(args: &[String]) -> Result<(), String> {
                     ])
                     .args(["--channels", &CHANNELS.to_string(), "--reps", &reps]);
             };
-            // ROUNDS alternating rounds (peers, then ours); each side's figure is its median.
+            // `rounds` alternating rounds (peers, then ours); each side's figure is its median.
             // Ours per channel alternates its calls with ours per tensor in one process
             // (`bench-kernel` reports both), so their ratio does not carry the drift between
             // processes (measured: 21-29 GB/s from one process to the next at 16M).
             let per_tensor = kernel.strip_suffix("_per_channel");
             let mut peer_runs: Vec<Vec<Value>> = Vec::new();
             let mut our_runs: Vec<Value> = Vec::new();
-            for _ in 0..ROUNDS {
+            for _ in 0..rounds {
                 let mut py = Command::new(&python);
                 py.arg(root.join("xtask/peers/compare_quantize.py"))
                     .arg("--codes-out")
@@ -210,11 +236,23 @@ pub fn main(args: &[String]) -> Result<(), String> {
                     "ratio_of": "median over the rounds of per-channel / per-tensor GB/s, calls alternated in one process",
                 }));
             }
-            for p in peers {
+            for (j, p) in peers.into_iter().enumerate() {
                 let (og, pg) = (ours["gbps"].as_f64().unwrap(), p["gbps"].as_f64().unwrap());
+                // each round's ratio (the peer's run and ours right after it): the two sides
+                // of one round see the same machine, so these spread less than the medians do
+                let round_ratios: Vec<f64> = our_runs
+                    .iter()
+                    .zip(&peer_runs)
+                    .map(|(o, r)| {
+                        o["gbps"].as_f64().unwrap_or(0.0)
+                            / r[j]["gbps"].as_f64().unwrap_or(f64::NAN)
+                    })
+                    .collect();
                 let rec = json!({
                     "kernel": kernel, "n": n, "threads": 1, "isa": ours["isa"],
                     "ours_gbps": og, "peer": p["peer"], "peer_gbps": pg, "ratio": og / pg,
+                    "rounds": rounds, "round_ratios": round_ratios,
+                    "median_round_ratio": median(round_ratios.clone()),
                 });
                 println!(
                     "{:<24} {:>10} {:>7} {:>10.2}  {:<20} {:>10.2} {:>7.2}  {}",
@@ -230,6 +268,18 @@ pub fn main(args: &[String]) -> Result<(), String> {
                         _ => "-",
                     }
                 );
+                if rounds > 1 {
+                    let list: Vec<String> =
+                        round_ratios.iter().map(|r| format!("{r:.2}")).collect();
+                    println!(
+                        "{:<24} {:>10} {:>7}   round by round: {} (median {:.2})",
+                        "",
+                        "",
+                        "",
+                        list.join(" "),
+                        median(round_ratios.clone())
+                    );
+                }
                 records.push(rec);
             }
         }

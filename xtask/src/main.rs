@@ -22,10 +22,11 @@ tasks:
       --update rewrites the baseline; both append to results/bench/history.csv; --plot draws
       the history to results/bench/history.svg; without a mode, measures and prints (needs
       valgrind)
-  compare quantize [--sizes N,N,...] [--out DIR]
+  compare quantize [--sizes N,N,...] [--kernels K,K,...] [--rounds R] [--out DIR]
       time quantbench's quantize/dequantize (per tensor and per channel, 1 thread) against
-      ONNX Runtime and numpy on the same data, in one run; installs the peers with pip into
-      target/peers-venv when missing; prints a table and writes JSON lines under results/compare/
+      ONNX Runtime and numpy on the same data, in one run, in R alternating rounds (default 3;
+      medians, and each round's ratio); installs the peers with pip into target/peers-venv when
+      missing; prints a table and writes JSON lines under results/compare/
   compare kmeans [--sizes N,...] [--ks K,...] [--dists gaussian,laplacian] [--out DIR]
       time quantbench's exact 1-D k-means against scikit-learn's KMeans (one thread each) on
       the same seeded data; reports time, SSE and the peer's gap to the optimum
