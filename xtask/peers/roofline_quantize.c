@@ -43,30 +43,23 @@ __attribute__((noinline)) void cvt_store16(const float *x, int8_t *y, size_t n) 
     }
 }
 
+// 64 values converted and saturated to bytes, in one vector
+static inline __m512i cvt64(const float *x) {
+    __m128i p[4];
+    for (int j = 0; j < 4; j++)
+        p[j] = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_load_ps(x + 16 * j)));
+    __m512i o = _mm512_castsi128_si512(p[0]);
+    o = _mm512_inserti64x2(o, p[1], 1);
+    o = _mm512_inserti64x2(o, p[2], 2);
+    return _mm512_inserti64x2(o, p[3], 3);
+}
+
 __attribute__((noinline)) void cvt_store64(const float *x, int8_t *y, size_t n) {
-    for (size_t i = 0; i < n; i += 64) {
-        __m128i p[4];
-        for (int j = 0; j < 4; j++)
-            p[j] = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_load_ps(x + i + 16 * j)));
-        __m512i o = _mm512_castsi128_si512(p[0]);
-        o = _mm512_inserti64x2(o, p[1], 1);
-        o = _mm512_inserti64x2(o, p[2], 2);
-        o = _mm512_inserti64x2(o, p[3], 3);
-        _mm512_store_si512((void *)(y + i), o);
-    }
+    for (size_t i = 0; i < n; i += 64) _mm512_store_si512((void *)(y + i), cvt64(x + i));
 }
 
 __attribute__((noinline)) void cvt_stream64(const float *x, int8_t *y, size_t n) {
-    for (size_t i = 0; i < n; i += 64) {
-        __m128i p[4];
-        for (int j = 0; j < 4; j++)
-            p[j] = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_load_ps(x + i + 16 * j)));
-        __m512i o = _mm512_castsi128_si512(p[0]);
-        o = _mm512_inserti64x2(o, p[1], 1);
-        o = _mm512_inserti64x2(o, p[2], 2);
-        o = _mm512_inserti64x2(o, p[3], 3);
-        _mm512_stream_si512((void *)(y + i), o);
-    }
+    for (size_t i = 0; i < n; i += 64) _mm512_stream_si512((void *)(y + i), cvt64(x + i));
     _mm_sfence();
 }
 
