@@ -248,11 +248,12 @@ pub fn main(args: &[String]) -> Result<(), String> {
                             / r[j]["gbps"].as_f64().unwrap_or(f64::NAN)
                     })
                     .collect();
+                let median_round = median(round_ratios.clone());
                 let rec = json!({
                     "kernel": kernel, "n": n, "threads": 1, "isa": ours["isa"],
                     "ours_gbps": og, "peer": p["peer"], "peer_gbps": pg, "ratio": og / pg,
                     "rounds": rounds, "round_ratios": round_ratios,
-                    "median_round_ratio": median(round_ratios.clone()),
+                    "median_round_ratio": median_round,
                 });
                 println!(
                     "{:<24} {:>10} {:>7} {:>10.2}  {:<20} {:>10.2} {:>7.2}  {}",
@@ -277,7 +278,7 @@ pub fn main(args: &[String]) -> Result<(), String> {
                         "",
                         "",
                         list.join(" "),
-                        median(round_ratios.clone())
+                        median_round
                     );
                 }
                 records.push(rec);
