@@ -13,15 +13,15 @@
 //! Each microkernel computes a raw product of the (possibly shifted) codes and the driver
 //! removes the zero points and shifts afterwards with row sums of A and column sums of B
 //! (computed when B is packed):
-//! `C = raw - (alpha + zb[j]) * rowsum_A[i] - (beta + za) * colsum_B[j] + K * za * zb[j] + bias[j]`,
-//! where `raw = sum A*B + alpha * rowsum_A + beta * colsum_B` and `(alpha, beta)` is what the
-//! microkernel's operand shifts add (see [`Microkernel`]). All terms wrap mod 2^32, so the
+//! `C = raw - zb[j] * rowsum_A[i] - (beta + za) * colsum_B[j] + K * za * zb[j] + bias[j]`,
+//! where `raw = sum A*B + beta * colsum_B` and `beta` is what the microkernel's shift of A
+//! adds (see [`Microkernel`]). All terms wrap mod 2^32, so the
 //! identity is exact in the ring and every path is bit-identical to the spec.
 //!
 //! ## Microkernels
 //! | name | ISA | operation | exactness |
 //! |---|---|---|---|
-//! | `avx512vnni_dpbusd` | AVX-512 VNNI | `vpdpbusd` u8 x s8, 4 products per i32 lane | no saturation (`vpdpbusd`, not `vpdpbusds`); with `i8` A and N <= 16, B is packed as `b + 128`, the unsigned operand (`alpha = 128`; the microkernel sums its rows of A itself), else each A broadcast is flipped to `a + 128` (`^ 0x80`) as the unsigned operand (`beta = 128`) |
+//! | `avx512vnni_dpbusd` | AVX-512 VNNI | `vpdpbusd` u8 x s8, 4 products per i32 lane | no saturation (`vpdpbusd`, not `vpdpbusds`); with `i8` A each A broadcast is flipped to `a + 128` (`^ 0x80`, one `vpxord` with an embedded broadcast) as the unsigned operand (`beta = 128`) |
 //! | `avx2_maddwd_i16` | AVX2 | codes widened to i16, `vpmaddwd` | exact for all inputs: a product pair is at most `2 * 255 * 128 < 2^31` |
 //! | `neon_sdot` | NEON + dotprod | `sdot` (emitted with `asm!`) | `u8` A is shifted to `i8` (`a - 128`, `beta = -128`) |
 //! | `neon_smull_sadalp` | NEON | `smull` to i16 + `sadalp` | products of two i8 are at most `2^14` in magnitude |
@@ -194,14 +194,13 @@ impl Microkernel {
         }
     }
 
-    /// `(alpha, beta)`: the multiples of A's row sums and B's column sums the microkernel's
-    /// operand shifts add to `sum A*B` (see the module docs).
-    fn shifts(self, a_signed: bool, b_flip: bool) -> (i32, i32) {
+    /// `beta`: the multiple of B's column sums the microkernel's shift of A adds to
+    /// `sum A*B` (see the module docs).
+    fn col_shift(self, a_signed: bool) -> i32 {
         match (self, a_signed) {
-            (Microkernel::Avx512VnniDpbusd, true) if b_flip => (128, 0),
-            (Microkernel::Avx512VnniDpbusd, true) => (0, 128),
-            (Microkernel::NeonSdot | Microkernel::NeonSmullSadalp, false) => (0, -128),
-            _ => (0, 0),
+            (Microkernel::Avx512VnniDpbusd, true) => 128,
+            (Microkernel::NeonSdot | Microkernel::NeonSmullSadalp, false) => -128,
+            _ => 0,
         }
     }
 }
@@ -285,8 +284,6 @@ struct Line([u8; 64]);
 pub struct PackedB {
     mk: Microkernel,
     a_signed: bool,
-    /// B is stored as `b + 128` (the VNNI microkernel's unsigned operand; `i8` A, N <= 16).
-    b_flip: bool,
     k: usize,
     n: usize,
     kp: usize,
@@ -308,7 +305,6 @@ impl std::fmt::Debug for PackedB {
             .field("k", &self.k)
             .field("n", &self.n)
             .field("a_signed", &self.a_signed)
-            .field("b_flip", &self.b_flip)
             .finish()
     }
 }
@@ -356,15 +352,9 @@ impl PackedB {
         let g = mk.k_group();
         let kp = k.div_ceil(g) * g;
         let (mr, nr) = mk.tile(n);
-        // the flipped B needs the row sums of A, which the microkernel computes per tile:
-        // worth it for one panel of one vector (N <= 16), where each A broadcast feeds a
-        // single `vpdpbusd` (its flip would cost as much as the product); with 2-4 vectors
-        // flipping the broadcast measured 1-7 % faster
-        let b_flip = mk == Microkernel::Avx512VnniDpbusd && A::SIGNED && n <= 16;
         let mut packed = PackedB {
             mk,
             a_signed: A::SIGNED,
-            b_flip,
             k,
             n,
             kp,
@@ -400,8 +390,6 @@ impl PackedB {
                     let at = p * panel_bytes + ((grp * nr + jj) * g + within) * elem;
                     if elem == 2 {
                         bytes[at..at + 2].copy_from_slice(&(v as i16).to_ne_bytes());
-                    } else if b_flip {
-                        bytes[at] = v as u8 ^ 0x80;
                     } else {
                         bytes[at] = v as u8;
                     }
@@ -921,10 +909,10 @@ fn rows_block<A: ActCode, O: Code>(
         finish_rows(&c, 0, m, 0, n, n, b, &mut sink);
         return;
     }
-    let (alpha, beta) = b.mk.shifts(A::SIGNED, b.b_flip);
+    let beta = b.mk.col_shift(A::SIGNED);
     let per_channel_zb = b.zero_points.len() > 1;
     let zb_t = if per_channel_zb { 0 } else { b.zero_points[0] };
-    let row_coef = alpha + zb_t;
+    let row_coef = zb_t;
     // the VNNI microkernel sums its own rows of A when one panel spans N (each row once);
     // B's per-column zero points still need the sums here, for the pass after the block
     let kernel_sums = b.mk == Microkernel::Avx512VnniDpbusd && n <= b.nr && row_coef != 0;
@@ -1200,10 +1188,10 @@ unsafe fn call_tile_requant<O: Code>(
     t: &Tile,
     e: &x86_avx512vnni::TileOutput<'_>,
 ) {
-    use x86_avx512vnni::{tile_requant, FLIP_A, FLIP_B, PLAIN};
+    use x86_avx512vnni::{tile_requant, FLIP_A, PLAIN};
     match (mr, nr, mode) {
         (12, 16, PLAIN) => tile_requant::<12, 1, PLAIN, O>(t, e),
-        (12, 16, FLIP_B) => tile_requant::<12, 1, FLIP_B, O>(t, e),
+        (12, 16, FLIP_A) => tile_requant::<12, 1, FLIP_A, O>(t, e),
         (8, 32, PLAIN) => tile_requant::<8, 2, PLAIN, O>(t, e),
         (8, 32, FLIP_A) => tile_requant::<8, 2, FLIP_A, O>(t, e),
         (8, 48, PLAIN) => tile_requant::<8, 3, PLAIN, O>(t, e),
@@ -1217,10 +1205,10 @@ unsafe fn call_tile_requant<O: Code>(
 /// The VNNI microkernel's operand mode for a packed B (see `x86_avx512vnni::PLAIN`).
 #[cfg(target_arch = "x86_64")]
 fn vnni_mode(b: &PackedB) -> u8 {
-    match (b.a_signed, b.b_flip) {
-        (false, _) => x86_avx512vnni::PLAIN,
-        (true, false) => x86_avx512vnni::FLIP_A,
-        (true, true) => x86_avx512vnni::FLIP_B,
+    if b.a_signed {
+        x86_avx512vnni::FLIP_A
+    } else {
+        x86_avx512vnni::PLAIN
     }
 }
 
@@ -1320,10 +1308,10 @@ unsafe fn call_microkernel(b: &PackedB, t: &Tile) {
     match mk {
         #[cfg(target_arch = "x86_64")]
         Microkernel::Avx512VnniDpbusd => {
-            use x86_avx512vnni::{tile, FLIP_A, FLIP_B, PLAIN};
+            use x86_avx512vnni::{tile, FLIP_A, PLAIN};
             match (mr, nr, vnni_mode(b)) {
                 (12, 16, PLAIN) => tile::<12, 1, PLAIN>(t),
-                (12, 16, FLIP_B) => tile::<12, 1, FLIP_B>(t),
+                (12, 16, FLIP_A) => tile::<12, 1, FLIP_A>(t),
                 (8, 32, PLAIN) => tile::<8, 2, PLAIN>(t),
                 (8, 32, FLIP_A) => tile::<8, 2, FLIP_A>(t),
                 (8, 48, PLAIN) => tile::<8, 3, PLAIN>(t),
