@@ -1014,7 +1014,16 @@ fn rows_block<A: ActCode, O: Code>(
     for ic in (0..m).step_by(MC) {
         let mc = MC.min(m - ic);
         if packs_a {
-            pack_a_pairs::<A>(&a[ic * k..(ic + mc) * k], mc, k, b.kp, mr, &mut apack);
+            let rows = &a[ic * k..(ic + mc) * k];
+            #[cfg(target_arch = "x86_64")]
+            {
+                apack.resize(mc.div_ceil(mr) * b.kp / 2 * mr, 0);
+                // SAFETY: the AVX2 microkernel (the one that packs A) runs on this CPU;
+                // `rows` holds `mc * k` codes and `apack` the packed size.
+                unsafe { x86_avx2::pack_a_pairs(rows, mc, k, b.kp, mr, A::SIGNED, &mut apack) };
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            pack_a_pairs::<A>(rows, mc, k, b.kp, mr, &mut apack);
         }
         for jc in (0..n).step_by(nc_max) {
             let nc = nc_max.min(n - jc);
@@ -1270,7 +1279,10 @@ fn finish_rows<O: Code>(
 }
 
 /// Packs `mc` rows of A into `[ceil(mc / mr)][kp / 2][mr]` u32 values, each a pair of
-/// codes widened to i16 (low half = even k); rows past `mc` and k past `k` are zero.
+/// codes widened to i16 (low half = even k); rows past `mc` and k past `k` are zero. The
+/// reference for `x86_avx2::pack_a_pairs`, which the driver calls (only the AVX2
+/// microkernel packs A).
+#[cfg_attr(target_arch = "x86_64", allow(dead_code))]
 fn pack_a_pairs<A: ActCode>(
     a: &[u8],
     mc: usize,
@@ -1346,6 +1358,43 @@ unsafe fn call_microkernel(b: &PackedB, t: &Tile) {
         _ => {
             let _ = (a_signed, mr, nr, t);
             unreachable!("microkernel {} has no tile on this build", mk.name())
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    fn check<A: ActCode>(mc: usize, k: usize, mr: usize, seed: u32) {
+        let kp = k.div_ceil(2) * 2;
+        let a: Vec<u8> = (0..mc * k)
+            .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 24) as u8)
+            .collect();
+        let mut want = Vec::new();
+        pack_a_pairs::<A>(&a, mc, k, kp, mr, &mut want);
+        // stale values where the packer must write zeros
+        let mut got = vec![0xDEAD_BEEF; want.len()];
+        // SAFETY: checked just below; `a` holds mc * k codes, `got` the packed size.
+        unsafe { x86_avx2::pack_a_pairs(&a, mc, k, kp, mr, A::SIGNED, &mut got) };
+        assert_eq!(got, want, "mc {mc} k {k} mr {mr} signed {}", A::SIGNED);
+    }
+
+    #[test]
+    fn avx2_packing_of_a_matches_the_reference() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: no AVX2 on this CPU");
+            return;
+        }
+        let mut seed = 1;
+        for mr in [6, 12] {
+            for mc in [1, 5, 6, 7, 12, 13, 240] {
+                for k in [1, 2, 3, 15, 16, 17, 31, 32, 33, 144, 145] {
+                    seed += 1;
+                    check::<u8>(mc, k, mr, seed);
+                    check::<i8>(mc, k, mr, seed);
+                }
+            }
         }
     }
 }

@@ -69,6 +69,64 @@ pub unsafe fn tile<const MR: usize, const NV: usize>(t: &Tile) {
     }
 }
 
+/// [`super::pack_a_pairs`] (the reference) with the widening done 16 codes at a time: each
+/// row's 16 bytes become 8 i16 pairs in one `vpmovsxbw` / `vpmovzxbw`, then go to their 8
+/// places `MR` apart. `dst` must hold `ceil(mc / mr) * kp / 2 * mr` values; every one is
+/// written (rows past `mc` and codes past `k` as zero), so it needs no clearing first.
+///
+/// # Safety
+/// AVX2; `a` holds at least `mc * k` codes.
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn pack_a_pairs(
+    a: &[u8],
+    mc: usize,
+    k: usize,
+    kp: usize,
+    mr: usize,
+    signed: bool,
+    dst: &mut [u32],
+) {
+    let pairs = kp / 2;
+    let rows = mc.div_ceil(mr) * mr;
+    debug_assert!(a.len() >= mc * k && dst.len() == rows * pairs);
+    let widen = |v: u8| -> u32 {
+        if signed {
+            (v as i8 as i16 as u16) as u32
+        } else {
+            v as u32
+        }
+    };
+    let chunks = k / 16;
+    let mut lanes = [0u32; 8];
+    for i in 0..rows {
+        let out = dst.as_mut_ptr().add((i / mr) * pairs * mr + i % mr);
+        if i >= mc {
+            for p in 0..pairs {
+                *out.add(p * mr) = 0;
+            }
+            continue;
+        }
+        let row = a.as_ptr().add(i * k);
+        for c in 0..chunks {
+            let v = _mm_loadu_si128(row.add(16 * c) as *const __m128i);
+            let w = if signed {
+                _mm256_cvtepi8_epi16(v)
+            } else {
+                _mm256_cvtepu8_epi16(v)
+            };
+            _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, w);
+            for (j, &pair) in lanes.iter().enumerate() {
+                *out.add((8 * c + j) * mr) = pair;
+            }
+        }
+        for p in 8 * chunks..pairs {
+            let code = |kk: usize| if kk < k { widen(*row.add(kk)) } else { 0 };
+            *out.add(p * mr) = code(2 * p) | (code(2 * p + 1) << 16);
+        }
+    }
+}
+
 /// Independent accumulators in [`peak_loop`] (with its one multiplier, 15 of the 16 ymm
 /// registers an AVX2 function may use).
 pub const PEAK_CHAINS: usize = 14;
