@@ -1051,12 +1051,12 @@ fn rows_block<A: ActCode, O: Code>(
                             // one K block (checked by the caller): all groups, no tail
                             (x.as_ptr(), 0, all_groups, 0)
                         } else if packs_a {
-                            // packed A: [MR block][k pair][MR] u32, pairs of i16
-                            let off = (ir / mr) * (b.kp / 2) * mr + (pc / 2) * mr;
+                            // packed A: rows of kp/2 u32, pairs of i16
+                            let off = ir * (b.kp / 2) + pc / 2;
                             (
-                                // SAFETY: `apack` holds ceil(mc / MR) blocks of kp/2 x MR.
+                                // SAFETY: `apack` holds ceil(mc / MR) * MR rows of kp/2.
                                 unsafe { (apack.as_ptr() as *const u8).add(off * 4) },
-                                mr * 4,
+                                b.kp * 2,
                                 kc / 2,
                                 0,
                             )
@@ -1278,10 +1278,10 @@ fn finish_rows<O: Code>(
     }
 }
 
-/// Packs `mc` rows of A into `[ceil(mc / mr)][kp / 2][mr]` u32 values, each a pair of
-/// codes widened to i16 (low half = even k); rows past `mc` and k past `k` are zero. The
-/// reference for `x86_avx2::pack_a_pairs`, which the driver calls (only the AVX2
-/// microkernel packs A).
+/// Packs `mc` rows of A, padded to a multiple of `mr` rows, into rows of `kp / 2` u32
+/// values, each a pair of codes widened to i16 (low half = even k); rows past `mc` and k
+/// past `k` are zero. The reference for `x86_avx2::pack_a_pairs`, which the driver calls
+/// (only the AVX2 microkernel packs A).
 #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
 fn pack_a_pairs<A: ActCode>(
     a: &[u8],
@@ -1304,11 +1304,10 @@ fn pack_a_pairs<A: ActCode>(
     };
     for i in 0..mc {
         let row = &a[i * k..(i + 1) * k];
-        let base = (i / mr) * pairs * mr + i % mr;
         for p in 0..pairs {
             let lo = row.get(2 * p).map_or(0, |&v| widen(v));
             let hi = row.get(2 * p + 1).map_or(0, |&v| widen(v));
-            dst[base + p * mr] = lo | (hi << 16);
+            dst[i * pairs + p] = lo | (hi << 16);
         }
     }
 }

@@ -1,31 +1,34 @@
 //! AVX2 microkernel: codes widened to i16 and multiplied with `vpmaddwd` (two products
 //! summed into each i32 lane, exact for every input; see the module docs for why not
-//! `vpmaddubsw`). A is packed by the driver into `[k pair][MR]` u32 values, B into
-//! `[k pair][8 * NV columns][2]` i16.
+//! `vpmaddubsw`). A is packed by the driver into rows of u32 values (pairs of codes
+//! widened to i16), B into `[k pair][8 * NV columns][2]` i16.
 
 use std::arch::x86_64::*;
 
 use super::Tile;
 
 /// # Safety
-/// AVX2; `t` as documented on [`Tile`] with `t.a` a packed A block (`t.lda = 4 * MR`).
+/// AVX2; `t` as documented on [`Tile`] with `t.a` the first of MR packed A rows (`t.lda`
+/// bytes apart; the rows past `t.rows` are zero padding).
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn tile<const MR: usize, const NV: usize>(t: &Tile) {
     let mut acc = [[_mm256_setzero_si256(); NV]; MR];
-    let mut a = t.a as *const i32;
+    let mut rows = [t.a as *const i32; MR];
+    for (i, r) in rows.iter_mut().enumerate() {
+        *r = t.a.add(i * t.lda) as *const i32;
+    }
     let mut b = t.b;
-    for _ in 0..t.groups {
+    for g in 0..t.groups {
         let mut bv = [_mm256_setzero_si256(); NV];
         for (v, x) in bv.iter_mut().enumerate() {
             *x = _mm256_loadu_si256(b.add(32 * v) as *const __m256i);
         }
         for (i, row) in acc.iter_mut().enumerate() {
-            let av = _mm256_set1_epi32(a.add(i).read());
+            let av = _mm256_set1_epi32(rows[i].add(g).read());
             for (v, x) in row.iter_mut().enumerate() {
                 *x = _mm256_add_epi32(*x, _mm256_madd_epi16(av, bv[v]));
             }
         }
-        a = a.add(MR);
         b = b.add(32 * NV);
     }
     for (i, row) in acc.iter().enumerate().take(t.rows) {
@@ -70,9 +73,9 @@ pub unsafe fn tile<const MR: usize, const NV: usize>(t: &Tile) {
 }
 
 /// [`super::pack_a_pairs`] (the reference) with the widening done 16 codes at a time: each
-/// row's 16 bytes become 8 i16 pairs in one `vpmovsxbw` / `vpmovzxbw`, then go to their 8
-/// places `MR` apart. `dst` must hold `ceil(mc / mr) * kp / 2 * mr` values; every one is
-/// written (rows past `mc` and codes past `k` as zero), so it needs no clearing first.
+/// row's 16 bytes become 8 i16 pairs in one `vpmovsxbw` / `vpmovzxbw` and one store.
+/// `dst` must hold `ceil(mc / mr) * mr * kp / 2` values; every one is written (rows past
+/// `mc` and codes past `k` as zero), so it needs no clearing first.
 ///
 /// # Safety
 /// AVX2; `a` holds at least `mc * k` codes.
@@ -98,13 +101,10 @@ pub unsafe fn pack_a_pairs(
         }
     };
     let chunks = k / 16;
-    let mut lanes = [0u32; 8];
     for i in 0..rows {
-        let out = dst.as_mut_ptr().add((i / mr) * pairs * mr + i % mr);
+        let out = dst.as_mut_ptr().add(i * pairs);
         if i >= mc {
-            for p in 0..pairs {
-                *out.add(p * mr) = 0;
-            }
+            std::ptr::write_bytes(out, 0, pairs);
             continue;
         }
         let row = a.as_ptr().add(i * k);
@@ -115,14 +115,11 @@ pub unsafe fn pack_a_pairs(
             } else {
                 _mm256_cvtepu8_epi16(v)
             };
-            _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, w);
-            for (j, &pair) in lanes.iter().enumerate() {
-                *out.add((8 * c + j) * mr) = pair;
-            }
+            _mm256_storeu_si256(out.add(8 * c) as *mut __m256i, w);
         }
         for p in 8 * chunks..pairs {
             let code = |kk: usize| if kk < k { widen(*row.add(kk)) } else { 0 };
-            *out.add(p * mr) = code(2 * p) | (code(2 * p + 1) << 16);
+            *out.add(p) = code(2 * p) | (code(2 * p + 1) << 16);
         }
     }
 }
