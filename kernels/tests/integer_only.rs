@@ -287,6 +287,64 @@ fn bad_calls_are_errors() {
 }
 
 #[test]
+fn quantized_add_is_bit_exact_on_every_pair_of_codes() {
+    use quantbench_kernels::integer_only::add::{add_one, AddParams};
+    const TIE: f32 = 1.0 / 1_048_576.0;
+    // all 65,536 (a, b) pairs, as u8 and as i8 codes, under extreme zero points and input
+    // right shifts from 1 to 31 (and a multiplier that rounds to 0)
+    let a: Vec<u8> = (0..1usize << 16).map(|i| (i >> 8) as u8).collect();
+    let b: Vec<u8> = (0..1usize << 16).map(|i| i as u8).collect();
+    for (sa, za, sb, zb, sy, zy, lo) in [
+        (0.02f32, 0, 0.05f32, 255, 0.06f32, 10, 0),
+        (0.5, 255, 0.5, 0, 1.0, 128, 0),
+        (0.11, 128, 0.013, 7, 0.09, 0, 0),
+        // b's multiplier is about 2^-32: shift -31
+        (1.0, 7, 6e-10, 250, 0.9, 3, 3),
+        // b's multiplier rounds to 0
+        (1.0, 0, 1e-12, 255, 0.5, 0, 0),
+        (3e-4, 128, 0.7, 128, 0.011, 200, 0),
+        // most sums saturate
+        (0.25, 0, 0.25, 255, 0.001, 0, 0),
+        // multipliers 2^30 + 2^11 with shifts -1 and -3: the scaled input is
+        // x (2^19 + 1), so every odd x (every x = 4 mod 8) is a tie of the rounding divide
+        // (the output's coarser rounding hides most of them; the AVX-512 input stage is
+        // checked on its own in `integer_only::x86_avx512::tests`)
+        (1.0, 3, 0.5 + TIE, 200, 0.7, 100, 0),
+        ((0.5 + TIE) / 4.0, 250, 1.0, 5, 0.7, 100, 0),
+    ] {
+        let output = RequantOutput::new(zy, lo, 255).unwrap();
+        let p = AddParams::new((sa, za), (sb, zb), sy, output).unwrap();
+        let want: Vec<u8> = a
+            .iter()
+            .zip(&b)
+            .map(|(&x, &y)| add_one(x as i32, y as i32, &p) as u8)
+            .collect();
+        let output8 = RequantOutput::new(zy - 128, lo - 128, 127).unwrap();
+        let p8 = AddParams::new((sa, za - 128), (sb, zb - 128), sy, output8).unwrap();
+        let a8: Vec<i8> = a.iter().map(|&v| (v as i32 - 128) as i8).collect();
+        let b8: Vec<i8> = b.iter().map(|&v| (v as i32 - 128) as i8).collect();
+        let want8: Vec<i8> = a8
+            .iter()
+            .zip(&b8)
+            .map(|(&x, &y)| add_one(x as i32, y as i32, &p8) as i8)
+            .collect();
+        assert!(
+            want.iter().any(|&v| v as i32 > zy),
+            "the case has sums above the output zero point"
+        );
+        for isa in common::isas() {
+            let k = Kernels::new(isa).unwrap();
+            let mut got = vec![0u8; a.len()];
+            k.add_requantize(&a, &b, &p, &mut got).unwrap();
+            assert_eq!(got, want, "{isa}, u8, {p:?}");
+            let mut got8 = vec![0i8; a.len()];
+            k.add_requantize(&a8, &b8, &p8, &mut got8).unwrap();
+            assert_eq!(got8, want8, "{isa}, i8, {p8:?}");
+        }
+    }
+}
+
+#[test]
 fn quantized_add_is_bit_exact_on_every_isa_and_close_to_the_real_sum() {
     use quantbench_kernels::integer_only::add::{add_one, AddParams};
     let mut rng = common::Rng::new(0xADD);

@@ -191,37 +191,144 @@ pub unsafe fn add_requantize<T: Code>(
     if ms.iter().any(|m| m.shift > 0) {
         return false;
     }
-    let wide = Out {
-        lo: _mm512_set1_epi32(i32::MIN),
-        hi: _mm512_set1_epi32(i32::MAX),
-        zp: _mm512_setzero_si512(),
-    };
     let oc = out_consts(&p.output);
-    let consts = |m: Multiplier| {
-        (
-            _mm512_set1_epi32(m.multiplier),
-            _mm512_setzero_si512(),
-            _mm512_set1_epi32(-m.shift),
-        )
-    };
-    let (ma, la, ra) = consts(p.a_multiplier);
-    let (mb, lb, rb) = consts(p.b_multiplier);
-    let (mo, lo, ro) = consts(p.out_multiplier);
-    let (za, zb) = (
-        _mm512_set1_epi32(p.a_zero_point),
-        _mm512_set1_epi32(p.b_zero_point),
+    let a_in = AddInput::new(p.a_zero_point, p.a_multiplier);
+    let b_in = AddInput::new(p.b_zero_point, p.b_multiplier);
+    let (mo, lo, ro) = (
+        _mm512_set1_epi32(p.out_multiplier.multiplier),
+        _mm512_setzero_si512(),
+        _mm512_set1_epi32(-p.out_multiplier.shift),
     );
     let n = a.len();
     let mut i = 0;
     while i < n {
         let k = lanes_mask(n - i);
-        let x = _mm512_slli_epi32::<20>(_mm512_sub_epi32(load16_codes(a.as_ptr().add(i), k), za));
-        let y = _mm512_slli_epi32::<20>(_mm512_sub_epi32(load16_codes(b.as_ptr().add(i), k), zb));
-        let x = requant16::<false>(x, ma, la, ra, &wide);
-        let y = requant16::<false>(y, mb, lb, rb, &wide);
+        let x = a_in.scale(load16_codes(a.as_ptr().add(i), k));
+        let y = b_in.scale(load16_codes(b.as_ptr().add(i), k));
         let s = requant16::<false>(_mm512_add_epi32(x, y), mo, lo, ro, &oc);
         store16(out.as_mut_ptr().add(i), s, k);
         i += 16;
     }
     true
+}
+
+/// One input of [`add_requantize`]: `mbqm((code - z) << 20, m)` with a right-shift
+/// multiplier, in 32-bit lanes. With `x = code - z`, `|x| <= 255` (codes and zero points are
+/// codes of one 8-bit type), the doubling high multiply of `x << 20` by `M` is
+/// `floor((x * M + 2^10) / 2^11)` (gemmlowp's nudge and truncation amount to flooring
+/// `x * M * 2^20 + 2^30` over `2^31`), which splits exactly into
+/// `x * (M >> 11) + ((x * (M & 2047) + 2^10) >> 11)`: both products fit i32. The result
+/// `h` is below `2^28` in magnitude, so the rounding divide by `2^r` (ties away from zero)
+/// is `(h + 2^(r-1) - [h < 0]) >> r` for `r >= 1` without overflow. Tested bit-exact
+/// against the spec on every pair of codes.
+struct AddInput {
+    z: __m512i,
+    hi: __m512i,
+    lo: __m512i,
+    round: __m512i,
+    neg: __m512i,
+    shift: __m128i,
+}
+
+impl AddInput {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn new(z: i32, m: Multiplier) -> AddInput {
+        let r = -m.shift;
+        debug_assert!((0..=31).contains(&r));
+        AddInput {
+            z: _mm512_set1_epi32(z),
+            hi: _mm512_set1_epi32(m.multiplier >> 11),
+            lo: _mm512_set1_epi32(m.multiplier & 2047),
+            round: _mm512_set1_epi32(if r >= 1 { 1 << (r - 1) } else { 0 }),
+            neg: _mm512_set1_epi32(if r >= 1 { -1 } else { 0 }),
+            shift: _mm_cvtsi32_si128(r),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn scale(&self, codes: __m512i) -> __m512i {
+        let x = _mm512_sub_epi32(codes, self.z);
+        let low = _mm512_add_epi32(_mm512_mullo_epi32(x, self.lo), _mm512_set1_epi32(1 << 10));
+        let h = _mm512_add_epi32(_mm512_mullo_epi32(x, self.hi), _mm512_srai_epi32::<11>(low));
+        let sign = _mm512_and_si512(_mm512_srai_epi32::<31>(h), self.neg);
+        let t = _mm512_add_epi32(_mm512_add_epi32(h, self.round), sign);
+        _mm512_sra_epi32(t, self.shift)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::integer_only::scalar::multiply_by_quantized_multiplier;
+
+    /// [`AddInput::scale`] against the spec on every code difference (-255..=255), every
+    /// right shift (0..=31) and multipliers at the edges of the split at bit 11, including
+    /// `2^30 + 2^11`, whose products make ties of the rounding divide.
+    #[test]
+    fn the_add_input_stage_is_the_spec_on_every_code_difference() {
+        if !(is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl"))
+        {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        let mut ms: Vec<i32> = vec![
+            0,
+            1,
+            1023,
+            1024,
+            2047,
+            2048,
+            2049,
+            1 << 30,
+            (1 << 30) + 1,
+            (1 << 30) + 2048,
+            (1 << 30) + 3 * 2048,
+            0x5555_5555,
+            i32::MAX - 2047,
+            i32::MAX,
+        ];
+        let mut seed = 0x9E37_79B9u32;
+        for _ in 0..64 {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            ms.push((seed >> 1) as i32);
+        }
+        let xs: Vec<i32> = (-255..=255).collect();
+        let mut ties = 0;
+        for r in 0..=31 {
+            for &m in &ms {
+                let mult = Multiplier::new(m, -r).unwrap();
+                // SAFETY: AVX-512 F/BW/VL checked above.
+                let input = unsafe { AddInput::new(0, mult) };
+                for chunk in xs.chunks(16) {
+                    let mut lanes = [0i32; 16];
+                    lanes[..chunk.len()].copy_from_slice(chunk);
+                    let mut got = [0i32; 16];
+                    // SAFETY: as above; 16 lanes in, 16 out.
+                    unsafe {
+                        let v = input.scale(_mm512_loadu_si512(lanes.as_ptr() as *const _));
+                        _mm512_storeu_si512(got.as_mut_ptr() as *mut _, v);
+                    }
+                    for (&x, &g) in chunk.iter().zip(&got) {
+                        let h = multiply_by_quantized_multiplier(
+                            x << 20,
+                            Multiplier::new(m, 0).unwrap(),
+                        );
+                        let mask = ((1i64 << r) - 1) as i32;
+                        if r >= 1 && x < 0 && h & mask == (mask >> 1) + 1 {
+                            ties += 1;
+                        }
+                        let want = multiply_by_quantized_multiplier(x << 20, mult);
+                        assert_eq!(g, want, "x {x}, multiplier {m}, shift -{r}");
+                    }
+                }
+            }
+        }
+        assert!(ties > 100, "the cases include negative ties ({ties})");
+    }
 }
