@@ -24,8 +24,8 @@ unsafe fn broadcast_partial(p: *const u8, n: usize) -> __m512i {
     _mm512_broadcastd_epi32(v)
 }
 
-/// `u8` A is the unsigned operand, B (signed) as given; A's broadcast folds into
-/// `vpdpbusd` as a memory operand.
+/// `u8` A is the unsigned operand (one `vpbroadcastd` from memory per broadcast: the
+/// unsigned operand cannot be `vpdpbusd`'s memory operand), B (signed) as given.
 pub const PLAIN: u8 = 0;
 /// `i8` A is read as `a + 128` (each broadcast `^ 0x80`) as the unsigned operand and B is
 /// the signed one; the driver removes `128 * colsum(B)`, a constant per column. The flip
