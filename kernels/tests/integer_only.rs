@@ -286,6 +286,34 @@ fn bad_calls_are_errors() {
     assert!(RequantOutput::new(0, 10, 5).is_err());
 }
 
+/// A u8 add case moved to the i8 domain (every code, zero point and bound by -128): the
+/// parameters, both inputs and the spec's sums.
+fn add_case_i8(
+    a: &[u8],
+    b: &[u8],
+    (sa, za): (f32, i32),
+    (sb, zb): (f32, i32),
+    sy: f32,
+    (zy, lo): (i32, i32),
+) -> (
+    quantbench_kernels::integer_only::add::AddParams,
+    Vec<i8>,
+    Vec<i8>,
+    Vec<i8>,
+) {
+    use quantbench_kernels::integer_only::add::{add_one, AddParams};
+    let output8 = RequantOutput::new(zy - 128, lo - 128, 127).unwrap();
+    let p8 = AddParams::new((sa, za - 128), (sb, zb - 128), sy, output8).unwrap();
+    let a8: Vec<i8> = a.iter().map(|&v| (v as i32 - 128) as i8).collect();
+    let b8: Vec<i8> = b.iter().map(|&v| (v as i32 - 128) as i8).collect();
+    let want8: Vec<i8> = a8
+        .iter()
+        .zip(&b8)
+        .map(|(&x, &y)| add_one(x as i32, y as i32, &p8) as i8)
+        .collect();
+    (p8, a8, b8, want8)
+}
+
 #[test]
 fn quantized_add_is_bit_exact_on_every_pair_of_codes() {
     use quantbench_kernels::integer_only::add::{add_one, AddParams};
@@ -319,15 +347,7 @@ fn quantized_add_is_bit_exact_on_every_pair_of_codes() {
             .zip(&b)
             .map(|(&x, &y)| add_one(x as i32, y as i32, &p) as u8)
             .collect();
-        let output8 = RequantOutput::new(zy - 128, lo - 128, 127).unwrap();
-        let p8 = AddParams::new((sa, za - 128), (sb, zb - 128), sy, output8).unwrap();
-        let a8: Vec<i8> = a.iter().map(|&v| (v as i32 - 128) as i8).collect();
-        let b8: Vec<i8> = b.iter().map(|&v| (v as i32 - 128) as i8).collect();
-        let want8: Vec<i8> = a8
-            .iter()
-            .zip(&b8)
-            .map(|(&x, &y)| add_one(x as i32, y as i32, &p8) as i8)
-            .collect();
+        let (p8, a8, b8, want8) = add_case_i8(&a, &b, (sa, za), (sb, zb), sy, (zy, lo));
         assert!(
             want.iter().any(|&v| v as i32 > zy),
             "the case has sums above the output zero point"
@@ -375,17 +395,8 @@ fn quantized_add_is_bit_exact_on_every_isa_and_close_to_the_real_sum() {
                 want[i]
             );
         }
-        // the same sums in the i8 domain (every zero point and bound moved by -128)
-        let output8 =
-            RequantOutput::new(zy - 128, if relu { zy - 128 } else { -128 }, 127).unwrap();
-        let p8 = AddParams::new((sa, za - 128), (sb, zb - 128), sy, output8).unwrap();
-        let a8: Vec<i8> = a.iter().map(|&v| (v as i32 - 128) as i8).collect();
-        let b8: Vec<i8> = b.iter().map(|&v| (v as i32 - 128) as i8).collect();
-        let want8: Vec<i8> = a8
-            .iter()
-            .zip(&b8)
-            .map(|(&x, &y)| add_one(x as i32, y as i32, &p8) as i8)
-            .collect();
+        let lo = if relu { zy } else { 0 };
+        let (p8, a8, b8, want8) = add_case_i8(&a, &b, (sa, za), (sb, zb), sy, (zy, lo));
         for isa in common::isas() {
             let k = Kernels::new(isa).unwrap();
             // every length up to 70 (vector bodies and tails), then the whole input
