@@ -73,27 +73,20 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < n; i++) x[i] = (float)((i * 7919) % 255) - 127.0f;
     double best[5] = {1e9, 1e9, 1e9, 1e9, 1e9};
     volatile float sink = 0;
+// times one call of `call` and keeps the best in best[i]
+#define TIME(i, call)                   \
+    do {                                \
+        double t = now();               \
+        call;                           \
+        t = now() - t;                  \
+        if (t < best[i]) best[i] = t;   \
+    } while (0)
     for (int r = 0; r < reps; r++) {
-        double t = now();
-        sink += read_only(x, n);
-        t = now() - t;
-        if (t < best[0]) best[0] = t;
-        t = now();
-        cvt_store16(x, y, n);
-        t = now() - t;
-        if (t < best[1]) best[1] = t;
-        t = now();
-        cvt_store64(x, y, n);
-        t = now() - t;
-        if (t < best[2]) best[2] = t;
-        t = now();
-        memcpy(z, x, n * 4);
-        t = now() - t;
-        if (t < best[3]) best[3] = t;
-        t = now();
-        cvt_stream64(x, y, n);
-        t = now() - t;
-        if (t < best[4]) best[4] = t;
+        TIME(0, sink += read_only(x, n));
+        TIME(1, cvt_store16(x, y, n));
+        TIME(2, cvt_store64(x, y, n));
+        TIME(3, memcpy(z, x, n * 4));
+        TIME(4, cvt_stream64(x, y, n));
     }
     printf("n=%zu GB/s of f32: read-only %.1f  cvt+store16 %.1f  cvt+store64 %.1f  "
            "cvt+stream64 %.1f  memcpy(f32) %.1f\n",
