@@ -135,7 +135,7 @@ fn benches(c: &mut Criterion) {
 }
 
 /// `kmeans_assign/{isa}/{n}/{k}` and `kmeans_decode/{isa}/{n}/{k}`: throughput in bytes of
-/// the f32 side.
+/// the f32 side; `kmeans_decode/copy/{n}/f32` is a plain copy of `n` f32 values.
 fn kmeans_benches(c: &mut Criterion, isas: &[Isa]) {
     use quantbench_kernels::kmeans::Codebook;
     // decode straight from 4-bit packed indices (k = 16)
@@ -173,6 +173,14 @@ fn kmeans_benches(c: &mut Criterion, isas: &[Isa]) {
             let mut idx = vec![0u8; n];
             let mut out = vec![0f32; n];
             g.throughput(Throughput::Bytes(4 * n as u64));
+            if decode {
+                // the yardstick of issue #3's decode goal: this machine's copy of the same
+                // f32 array (bytes copied per second), measured next to the decodes
+                let src = data(n, 1);
+                g.bench_function(BenchmarkId::new("copy", format!("{n}/f32")), |b| {
+                    b.iter(|| out.copy_from_slice(black_box(&src)))
+                });
+            }
             for k in [4usize, 16, 256] {
                 let cb = Codebook::new((0..k).map(|j| (j as f32 / k as f32 - 0.5) * 8.0).collect())
                     .unwrap();

@@ -10,7 +10,7 @@
 //! | fixed point Qm.n, dynamic fixed point | [`fixed_point`] | (the linear kernels with a power-of-two scale) |
 //! | integer-only requantization | [`integer_only`] | requantize i32 -> i8/u8/i16/u16, per tensor and per channel |
 //! | int8 GEMM (u8/i8 x i8 -> i32, fused requantize) | [`gemm`] | AVX-512 VNNI, AVX2, NEON sdot / smull microkernels |
-//! | k-means weight sharing | [`kmeans`] | assign (value -> nearest centroid), decode (index -> centroid); the exact 1-D clustering and centroid gradients are scalar algorithms |
+//! | k-means weight sharing | [`kmeans`] | assign (value -> nearest centroid), decode (index -> centroid), the exact clustering's row scans and the fast mode's keep pass; centroid gradients are scalar (their f64 sums in index order are the spec) |
 //! | bit-packing of 1..=8-bit codes | [`pack`] | scalar (runs once per stored tensor) |
 //!
 //! NaN policy, the same everywhere: NaN is read as 0.0 (it quantizes to the zero point),

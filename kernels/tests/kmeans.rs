@@ -287,9 +287,14 @@ fn assign_and_decode_match_scalar_on_every_isa() {
             let kern = Kernels::new(isa).unwrap();
             for &n in lengths().iter().step_by(7) {
                 let mut x = data(&mut rng, n, 3.0, 0.1, true);
-                // exact midpoints and the thresholds themselves
-                for (j, w) in cb.centroids().windows(2).enumerate().take(n) {
-                    x[j] = ((w[0] as f64 + w[1] as f64) / 2.0) as f32;
+                // the midpoints rounded to f32, and the f32s on either side of them (one of
+                // which is the threshold: the smallest f32 above the exact midpoint)
+                let around = cb.centroids().windows(2).flat_map(|w| {
+                    let m = ((w[0] as f64 + w[1] as f64) / 2.0) as f32;
+                    [m, m.next_up(), m.next_down()]
+                });
+                for (v, m) in x.iter_mut().zip(around) {
+                    *v = m;
                 }
                 let (mut want, mut got) = (vec![0u8; n], vec![0u8; n]);
                 scalar.kmeans_assign(&x, &cb, &mut want).unwrap();

@@ -1,10 +1,11 @@
 //! NEON paths of [`super::scalar`], name for name. Assignment counts the thresholds below each
-//! value (k <= 16; larger codebooks use the scalar binary search); decoding of k <= 16 is a
+//! value (k <= 16) or, value by value, a block of 16 of them found by a first count (see
+//! [`super::ASSIGN_BLOCK`]); decoding of k <= 16 is a
 //! 64-byte `tbl` lookup (four table registers), larger codebooks load per lane.
 
 use std::arch::aarch64::*;
 
-use super::{layer_by_rows, scalar, Codebook, FastBinning, Layer};
+use super::{layer_by_rows, scalar, Codebook, FastBinning, Layer, ASSIGN_BLOCK};
 
 /// # Safety
 /// The CPU must support NEON; `out.len() == x.len()`.
@@ -12,7 +13,7 @@ use super::{layer_by_rows, scalar, Codebook, FastBinning, Layer};
 pub unsafe fn assign(x: &[f32], cb: &Codebook, out: &mut [u8]) {
     let k = cb.centroids.len();
     if k > 16 {
-        return scalar::assign(x, cb, out);
+        return assign_blocks(x, cb, out);
     }
     let n = x.len();
     let mut i = 0;
@@ -32,6 +33,41 @@ pub unsafe fn assign(x: &[f32], cb: &Codebook, out: &mut [u8]) {
         i += 4;
     }
     scalar::assign(&x[i..], cb, &mut out[i..]);
+}
+
+/// More than 16 centroids, value by value: the two-step count of [`ASSIGN_BLOCK`] with each
+/// 16-lane compare as four 4-lane ones, their all-ones results summed (each lane adds -1).
+#[target_feature(enable = "neon")]
+unsafe fn assign_blocks(x: &[f32], cb: &Codebook, out: &mut [u8]) {
+    let f = cb.fences.as_ptr();
+    let fences = [
+        vld1q_f32(f),
+        vld1q_f32(f.add(4)),
+        vld1q_f32(f.add(8)),
+        vld1q_f32(f.add(12)),
+    ];
+    let blocks = cb.blocks.as_ptr();
+    let last = cb.centroids.len() as u32 - 1;
+    // how many of the 16 thresholds `q` are `<= v`
+    let count = |q: [float32x4_t; 4], v: float32x4_t| {
+        let a = vaddq_u32(vcleq_f32(q[0], v), vcleq_f32(q[1], v));
+        let b = vaddq_u32(vcleq_f32(q[2], v), vcleq_f32(q[3], v));
+        vaddvq_u32(vaddq_u32(a, b)).wrapping_neg()
+    };
+    for (o, &v) in out.iter_mut().zip(x) {
+        let v = vdupq_n_f32(if v.is_nan() { 0.0 } else { v });
+        let b = count(fences, v) as usize;
+        // b <= 15 and blocks holds 16 (b + 1) entries or more
+        let p = blocks.add(ASSIGN_BLOCK * b);
+        let block = [
+            vld1q_f32(p),
+            vld1q_f32(p.add(4)),
+            vld1q_f32(p.add(8)),
+            vld1q_f32(p.add(12)),
+        ];
+        let c = count(block, v);
+        *o = (ASSIGN_BLOCK as u32 * b as u32 + c).min(last) as u8;
+    }
 }
 
 /// # Safety

@@ -62,7 +62,8 @@ fn check_clusters(k: usize) -> Result<(), KernelError> {
 pub const MAX_TRACEBACK: usize = 1 << 28;
 
 /// A sorted codebook of 1..=256 finite centroids, with the thresholds that assignment uses.
-#[derive(Clone, Debug, PartialEq)]
+/// Two codebooks are equal when their centroids are (everything else derives from them).
+#[derive(Clone, Debug)]
 pub struct Codebook {
     centroids: Vec<f32>,
     /// `thresholds[j]` is the smallest f32 strictly above the midpoint of centroids `j` and
@@ -72,6 +73,42 @@ pub struct Codebook {
     pub(crate) thresholds: Vec<f32>,
     /// The first 32 centroids, padded with the last one (register-resident decode tables).
     pub(crate) table: [f32; 32],
+    /// The SIMD assignment of k > 16 counts the thresholds `<= x` in two steps of 16 (see
+    /// [`ASSIGN_BLOCK`]): `blocks` is `thresholds` extended with +inf to a multiple of 16
+    /// entries, at least one more than `thresholds` has, and `fences[j] = blocks[16 j + 15]`
+    /// for every block of 16 but the last, NaN beyond (a NaN fence is never `<= x`).
+    pub(crate) blocks: Vec<f32>,
+    pub(crate) fences: [f32; ASSIGN_BLOCK],
+    /// The binary search over `thresholds` (`2^m - 1` entries) level by level, for register
+    /// table lookups: level `L < m` probes `thresholds[j 2^(m-L) + 2^(m-L-1) - 1]` for
+    /// `j < 2^L`, stored at [`search_level`]`(L)`; empty for k <= 16. (Read by AVX-512 only.)
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(crate) levels: Vec<f32>,
+}
+
+/// Offset of level `level` in [`Codebook::levels`]: every level takes at least 16 entries
+/// (one AVX-512 register; the entries beyond `2^level` are never probed).
+pub(crate) const fn search_level(level: u32) -> usize {
+    let mut off = 0;
+    let mut l = 0;
+    while l < level {
+        off += if 1 << l > 16 { 1 << l } else { 16 };
+        l += 1;
+    }
+    off
+}
+
+/// Width of the two-step count behind the SIMD assignment of more than 16 centroids. The
+/// thresholds are sorted, so the number `b` of fences `<= x` is the number of whole blocks
+/// `<= x`: every threshold before block `b` is `<= x` and the last of block `b` (if it has a
+/// fence) is not. Then `#{t <= x} = 16 b + #{t in block b : t <= x}`; the +inf padding only
+/// counts for x = +inf, which the clamp to `k - 1` sends where the scalar search does.
+pub(crate) const ASSIGN_BLOCK: usize = 16;
+
+impl PartialEq for Codebook {
+    fn eq(&self, other: &Codebook) -> bool {
+        self.centroids == other.centroids
+    }
 }
 
 impl Codebook {
@@ -110,10 +147,34 @@ impl Codebook {
         for (t, &c) in table.iter_mut().zip(&centroids) {
             *t = c;
         }
+        let mut blocks = thresholds.clone();
+        blocks.resize(
+            (thresholds.len() + 1).next_multiple_of(ASSIGN_BLOCK),
+            f32::INFINITY,
+        );
+        let mut fences = [f32::NAN; ASSIGN_BLOCK];
+        let whole = blocks.len() / ASSIGN_BLOCK - 1; // every block but the last
+        for (j, f) in fences.iter_mut().enumerate().take(whole) {
+            *f = blocks[ASSIGN_BLOCK * j + ASSIGN_BLOCK - 1];
+        }
+        let mut levels = Vec::new();
+        if k > 16 {
+            let m = thresholds.len().trailing_ones();
+            levels.resize(search_level(m), f32::INFINITY);
+            for level in 0..m {
+                let (stride, probe) = (1usize << (m - level), (1usize << (m - level - 1)) - 1);
+                for j in 0..1usize << level {
+                    levels[search_level(level) + j] = thresholds[j * stride + probe];
+                }
+            }
+        }
         Ok(Codebook {
             centroids,
             thresholds,
             table,
+            blocks,
+            fences,
+            levels,
         })
     }
 

@@ -1,44 +1,35 @@
 //! AVX-512 (F + BW + VL) paths of [`super::scalar`], name for name. Assignment counts the
-//! thresholds below each value (k <= 16) or binary-searches them with gathers; decoding is a
+//! thresholds below each value (k <= 16) or runs the reference's binary search with its probes
+//! in registers (no gathers); decoding is a
 //! register table lookup (`vpermps` for k <= 16, `vpermi2ps` for k <= 32) or a gather.
 
 use std::arch::x86_64::*;
 
-use super::{layer_with, scalar, Codebook, FastBinning, Layer, FAST_BINS, INV_PAD};
+use super::{layer_with, scalar, search_level, Codebook, FastBinning, Layer, FAST_BINS, INV_PAD};
 use crate::linear::x86_avx512::lanes_mask;
 
+/// Indices of 16 values among k <= 16 centroids: the number of thresholds each is `>=`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn assign16(x: __m512, cb: &Codebook) -> __m512i {
     let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(x, x);
     let x = _mm512_maskz_mov_ps(ordered, x);
-    let k = cb.centroids.len();
     let one = _mm512_set1_epi32(1);
     let mut idx = _mm512_setzero_si512();
-    if k <= 16 {
-        for &t in &cb.thresholds[..k - 1] {
-            let ge = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(t));
-            idx = _mm512_mask_add_epi32(idx, ge, idx, one);
-        }
-        idx
-    } else {
-        let base = cb.thresholds.as_ptr();
-        let mut step = cb.thresholds.len().div_ceil(2);
-        while step > 0 {
-            let probe = _mm512_add_epi32(idx, _mm512_set1_epi32(step as i32 - 1));
-            let t = _mm512_i32gather_ps::<4>(probe, base as *const _);
-            let ge = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, t);
-            idx = _mm512_mask_add_epi32(idx, ge, idx, _mm512_set1_epi32(step as i32));
-            step /= 2;
-        }
-        _mm512_min_epi32(idx, _mm512_set1_epi32(k as i32 - 1))
+    for &t in &cb.thresholds[..cb.centroids.len() - 1] {
+        let ge = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(t));
+        idx = _mm512_mask_add_epi32(idx, ge, idx, one);
     }
+    idx
 }
 
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VL; `out.len() == x.len()`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub unsafe fn assign(x: &[f32], cb: &Codebook, out: &mut [u8]) {
+    if cb.centroids.len() > 16 {
+        return assign_search(x, cb, out);
+    }
     let n = x.len();
     let (src, dst) = (x.as_ptr(), out.as_mut_ptr());
     let mut i = 0;
@@ -46,6 +37,96 @@ pub unsafe fn assign(x: &[f32], cb: &Codebook, out: &mut [u8]) {
         let k = lanes_mask(n - i);
         let idx = assign16(_mm512_maskz_loadu_ps(k, src.add(i)), cb);
         _mm512_mask_cvtepi32_storeu_epi8(dst.add(i) as *mut _, k, idx);
+        i += 16;
+    }
+}
+
+/// More than 16 centroids, 16 values at a time: a branch-free binary search over the padded
+/// thresholds for the reference's count of those `<= x`, its probes of each level read from
+/// registers
+/// ([`Codebook::levels`]: `vpermps` for up to 16 probes, `vpermi2ps` for 32, two or four of
+/// them and a selection by the probe's high bits for 64 and 128). No gathers.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn assign_search(x: &[f32], cb: &Codebook, out: &mut [u8]) {
+    match cb.thresholds.len().trailing_ones() {
+        5 => assign_search_m::<5>(x, cb, out),
+        6 => assign_search_m::<6>(x, cb, out),
+        7 => assign_search_m::<7>(x, cb, out),
+        _ => assign_search_m::<8>(x, cb, out),
+    }
+}
+
+/// [`assign_search`] over `2^M - 1` padded thresholds, four vectors of 16 values at a time
+/// (the levels of one vector depend on each other; the four do not).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn assign_search_m<const M: u32>(x: &[f32], cb: &Codebook, out: &mut [u8]) {
+    let lv = cb.levels.as_ptr();
+    let last = _mm512_set1_epi32(cb.centroids.len() as i32 - 1);
+    let one = _mm512_set1_epi32(1);
+    // the probe of level `level` for the lanes' bits so far, `j < 2^level` (the count's top
+    // `level` bits)
+    let probe = |level: u32, j: __m512i| {
+        let t = lv.add(search_level(level));
+        let pair = |p: usize| {
+            _mm512_permutex2var_ps(
+                _mm512_loadu_ps(t.add(32 * p)),
+                j,
+                _mm512_loadu_ps(t.add(32 * p + 16)),
+            )
+        };
+        match level {
+            0 => _mm512_set1_ps(*t),
+            1..=4 => _mm512_permutexvar_ps(j, _mm512_loadu_ps(t)),
+            5 => pair(0),
+            _ => {
+                let bit5 = _mm512_test_epi32_mask(j, _mm512_set1_epi32(32));
+                let lo = _mm512_mask_mov_ps(pair(0), bit5, pair(1));
+                if level == 6 {
+                    return lo;
+                }
+                let hi = _mm512_mask_mov_ps(pair(2), bit5, pair(3));
+                let bit6 = _mm512_test_epi32_mask(j, _mm512_set1_epi32(64));
+                _mm512_mask_mov_ps(lo, bit6, hi)
+            }
+        }
+    };
+    let ordered = |v: __m512| _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v), v);
+    // one level: the next bit of the count is whether v reaches the probe
+    let step = |level: u32, v: __m512, j: __m512i| {
+        let ge = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(v, probe(level, j));
+        let j = _mm512_add_epi32(j, j);
+        _mm512_mask_add_epi32(j, ge, j, one)
+    };
+    let n = x.len();
+    let (src, dst) = (x.as_ptr(), out.as_mut_ptr());
+    let mut i = 0;
+    while i + 64 <= n {
+        let v: [__m512; 4] =
+            core::array::from_fn(|q| ordered(_mm512_loadu_ps(src.add(i + 16 * q))));
+        let mut idx = [_mm512_setzero_si512(); 4];
+        for level in 0..M {
+            for q in 0..4 {
+                idx[q] = step(level, v[q], idx[q]);
+            }
+        }
+        for (q, &c) in idx.iter().enumerate() {
+            _mm512_mask_cvtepi32_storeu_epi8(
+                dst.add(i + 16 * q) as *mut _,
+                0xFFFF,
+                _mm512_min_epi32(c, last),
+            );
+        }
+        i += 64;
+    }
+    while i < n {
+        let k = lanes_mask(n - i);
+        let v = ordered(_mm512_maskz_loadu_ps(k, src.add(i)));
+        let mut idx = _mm512_setzero_si512();
+        for level in 0..M {
+            idx = step(level, v, idx);
+        }
+        _mm512_mask_cvtepi32_storeu_epi8(dst.add(i) as *mut _, k, _mm512_min_epi32(idx, last));
         i += 16;
     }
 }
