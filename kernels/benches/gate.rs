@@ -65,8 +65,12 @@ fn accumulators(n: usize) -> Vec<i32> {
     data(n, 3).iter().map(|v| (v * 5000.0) as i32).collect()
 }
 
+fn codebook(k: usize) -> Codebook {
+    Codebook::new((0..k).map(|j| (j as f32 / k as f32 - 0.5) * 8.0).collect()).unwrap()
+}
+
 fn codebook16() -> Codebook {
-    Codebook::new((0..16).map(|j| (j as f32 / 16.0 - 0.5) * 8.0).collect()).unwrap()
+    codebook(16)
 }
 
 fn gemm_case(k: &Kernels, signed: bool) -> Run {
@@ -223,6 +227,14 @@ fn cases() -> Vec<Case> {
             dispatched: true,
             setup: |k| {
                 let (k, x, cb, mut idx) = (*k, data(N, 1), codebook16(), vec![0u8; N]);
+                Box::new(move || k.kmeans_assign(black_box(&x), &cb, &mut idx).unwrap())
+            },
+        },
+        Case {
+            name: "kmeans_assign_256",
+            dispatched: true,
+            setup: |k| {
+                let (k, x, cb, mut idx) = (*k, data(N, 1), codebook(256), vec![0u8; N]);
                 Box::new(move || k.kmeans_assign(black_box(&x), &cb, &mut idx).unwrap())
             },
         },
