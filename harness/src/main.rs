@@ -415,6 +415,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let rec = serde_json::json!({
                 "n": a.data.len(), "k": clusters, "mode": mode, "threads": 1, "isa": k.isa().name(),
                 "ours_s": seconds, "ours_sse": fit.sse, "centroids": fit.codebook.len(),
+                "gap_bound": fit.gap_bound,
             });
             print_line(&rec.to_string())?;
         }

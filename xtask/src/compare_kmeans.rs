@@ -168,7 +168,8 @@ pub fn main(args: &[String]) -> Result<(), String> {
                             );
                             json!({"kernel": kernel, "n": n, "k": k, "dist": dist, "ours_s": s, "ours_sse": sse,
                                    "peer": peer["peer"], "peer_s": peer_s, "peer_sse": peer_sse, "optimal_sse": optimal,
-                                   "optimal_from": optimal_from, "speedup": peer_s / s, "rounds": rounds})
+                                   "optimal_from": optimal_from, "speedup": peer_s / s, "rounds": rounds,
+                                   "ours_gap_bound": o["gap_bound"]})
                         }
                         Err(e) => {
                             json!({"kernel": kernel, "n": n, "k": k, "dist": dist, "ours_s": null, "ours_sse": null,
