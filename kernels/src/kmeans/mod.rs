@@ -1047,23 +1047,26 @@ impl Kernels {
         };
         let mut slot = vec![u32::MAX; FAST_BINS];
         let mut bins = Bins::default();
+        // the fullest bin's count, for the gap bound
+        let mut max_n = 0f64;
         for (b, s) in sums.iter().enumerate() {
             if s[0] > 0.0 {
+                if s[0] > max_n {
+                    max_n = s[0];
+                }
                 slot[b] = bins.sums.len() as u32;
                 bins.sums.push(*s);
                 let b = b as f64;
                 bins.range.push([down(edge(b - 1.0)), up(edge(b + 2.0))]);
             }
         }
-        let (n, max_n) = sums
-            .iter()
-            .fold((0f64, 0f64), |(n, m), s| (n + s[0], m.max(s[0])));
         drop(sums);
         let m = bins.sums.len();
         let kk = k.min(m);
         let p = Prefix::from_bins(&bins.sums);
         let starts = optimal_partition(self, &p, m, kk)?;
         let weights = p.weights();
+        let n = weights[m]; // the finite values
         let mut centroids: Vec<f32> = (0..kk)
             .map(|c| {
                 let (i, j) = (starts[c], if c + 1 < kk { starts[c + 1] } else { m });
