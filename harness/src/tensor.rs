@@ -332,6 +332,8 @@ fn kmeans(
         "index_bits": index_bits,
         "codebook": pick(&|f| json!(f.codebook.centroids())),
         "sse": pick(&|f| json!(f.sse)),
+        // proven bound on sse minus the optimum's (0 for the exact mode)
+        "gap_bound": pick(&|f| json!(f.gap_bound)),
     });
     let stored_bytes = packed_len(x.len(), index_bits.max(1)) * (index_bits > 0) as usize
         + fits.len() * clusters * 4;
