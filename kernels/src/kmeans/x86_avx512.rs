@@ -1,7 +1,7 @@
 //! AVX-512 (F + BW + VL) paths of [`super::scalar`], name for name. Assignment counts the
-//! thresholds below each value (k <= 16) or runs the reference's binary search with its probes
-//! in registers (no gathers); decoding is a
-//! register table lookup (`vpermps` for k <= 16, `vpermi2ps` for k <= 32) or a gather.
+//! thresholds below each value (k <= 16) or binary-searches them with each level's probes in
+//! registers (no gathers); decoding is a register table lookup (`vpermps` for k <= 16,
+//! `vpermi2ps` for k <= 32) or a gather.
 
 use std::arch::x86_64::*;
 
@@ -43,9 +43,8 @@ pub unsafe fn assign(x: &[f32], cb: &Codebook, out: &mut [u8]) {
 
 /// More than 16 centroids, 16 values at a time: a branch-free binary search over the padded
 /// thresholds for the reference's count of those `<= x`, its probes of each level read from
-/// registers
-/// ([`Codebook::levels`]: `vpermps` for up to 16 probes, `vpermi2ps` for 32, two or four of
-/// them and a selection by the probe's high bits for 64 and 128). No gathers.
+/// registers ([`Codebook::levels`]: `vpermps` for up to 16 probes, `vpermi2ps` for 32, two or
+/// four of them and a selection by the probe's high bits for 64 and 128). No gathers.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn assign_search(x: &[f32], cb: &Codebook, out: &mut [u8]) {
     match cb.thresholds.len().trailing_ones() {
