@@ -169,30 +169,20 @@ fn kmeans_4x4_two_bit_is_160_bits() {
             assert_eq!(&codebook[code.as_u64().unwrap() as usize], deq);
         }
     }
-    let v = json(&[
-        "tensor",
-        "--method",
-        "kmeans",
-        "--clusters",
-        "2",
-        "--values",
-        "1,3,5,7,9",
-    ]);
+    let kmeans = |fast: bool| {
+        let mut args = vec!["tensor", "--method", "kmeans", "--clusters", "2"];
+        if fast {
+            args.push("--fast");
+        }
+        json(&[args, vec!["--values", "1,3,5,7,9"]].concat())
+    };
+    let v = kmeans(false);
     assert_eq!(v["params"]["codebook"], serde_json::json!([2.0, 7.0]));
     assert_eq!(v["params"]["sse"], 10.0);
     assert_eq!(v["params"]["gap_bound"], 0.0);
     // the fast mode reports its proven bound: 2 max_n (hi - lo) h with one value per bin,
     // a range of 8 and 65,536 bins (plus rounding terms far below 1e-6)
-    let v = json(&[
-        "tensor",
-        "--method",
-        "kmeans",
-        "--clusters",
-        "2",
-        "--fast",
-        "--values",
-        "1,3,5,7,9",
-    ]);
+    let v = kmeans(true);
     assert_eq!(v["params"]["mode"], "fast");
     let bound = v["params"]["gap_bound"].as_f64().unwrap();
     assert!(
