@@ -76,12 +76,14 @@ pub struct Codebook {
     /// The SIMD assignment of k > 16 counts the thresholds `<= x` in two steps of 16 (see
     /// [`ASSIGN_BLOCK`]): `blocks` is `thresholds` extended with +inf to a multiple of 16
     /// entries, at least one more than `thresholds` has, and `fences[j] = blocks[16 j + 15]`
-    /// for every block of 16 but the last, NaN beyond (a NaN fence is never `<= x`).
+    /// for every block of 16 but the last, NaN beyond (a NaN fence is never `<= x`). Empty
+    /// (all NaN) for k <= 16.
     pub(crate) blocks: Vec<f32>,
     pub(crate) fences: [f32; ASSIGN_BLOCK],
     /// The binary search over `thresholds` (`2^m - 1` entries) level by level, for register
     /// table lookups: level `L < m` probes `thresholds[j 2^(m-L) + 2^(m-L-1) - 1]` for
-    /// `j < 2^L`, stored at [`search_level`]`(L)`; empty for k <= 16. (Read by AVX-512 only.)
+    /// `j < 2^L`, stored at [`search_level`]`(L)`; empty for k <= 16 and off x86-64 (read
+    /// by AVX-512 only).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) levels: Vec<f32>,
 }
@@ -147,18 +149,21 @@ impl Codebook {
         for (t, &c) in table.iter_mut().zip(&centroids) {
             *t = c;
         }
-        let mut blocks = thresholds.clone();
-        blocks.resize(
-            (thresholds.len() + 1).next_multiple_of(ASSIGN_BLOCK),
-            f32::INFINITY,
-        );
-        let mut fences = [f32::NAN; ASSIGN_BLOCK];
-        let whole = blocks.len() / ASSIGN_BLOCK - 1; // every block but the last
-        for (j, f) in fences.iter_mut().enumerate().take(whole) {
-            *f = blocks[ASSIGN_BLOCK * j + ASSIGN_BLOCK - 1];
+        // the SIMD assignment's tables for k > 16 (k <= 16 compares with every threshold)
+        let (mut blocks, mut fences) = (Vec::new(), [f32::NAN; ASSIGN_BLOCK]);
+        if k > 16 {
+            blocks = thresholds.clone();
+            blocks.resize(
+                (thresholds.len() + 1).next_multiple_of(ASSIGN_BLOCK),
+                f32::INFINITY,
+            );
+            let whole = blocks.len() / ASSIGN_BLOCK - 1; // every block but the last
+            for (j, f) in fences.iter_mut().enumerate().take(whole) {
+                *f = blocks[ASSIGN_BLOCK * j + ASSIGN_BLOCK - 1];
+            }
         }
         let mut levels = Vec::new();
-        if k > 16 {
+        if k > 16 && cfg!(target_arch = "x86_64") {
             let m = thresholds.len().trailing_ones();
             levels.resize(search_level(m), f32::INFINITY);
             for level in 0..m {
